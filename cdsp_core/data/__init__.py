@@ -1,0 +1,1 @@
+"""Datasets, synthetic data, scribble variants and format converters (DESIGN section 3)."""

@@ -1,0 +1,440 @@
+"""`ExperimentSpec`: the one configuration object shared by the CLI, the service and the workers.
+
+A spec travels unchanged from a YAML file or a REST body to the stored row, the Ray job and
+every worker. Keys are addressed by dotted paths (`stage2.lambda_s`), which is also how
+`--set key=value` overrides and search spaces name them.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101"]
+Kind = Literal["pipeline", "stage1", "stage2", "search"]
+LOSS_TERMS = ("segs", "segc", "ds", "dc", "lorm")
+# Terms that need a pseudo-label: without stage 1 or external pseudo-labels they cannot run.
+PSEUDO_TERMS = ("segc", "dc", "lorm")
+
+
+class SpecError(ValueError):
+    """A spec that cannot be loaded or validated; `errors` lists (field path, message)."""
+
+    def __init__(self, errors: list[tuple[str, str]]):
+        self.errors = errors
+        super().__init__("; ".join(f"{path or '<spec>'}: {msg}" for path, msg in errors))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class DataSpec(_Section):
+    root: str = "data/synthetic"
+    """Dataset root in the VOC/ScribbleSup layout (a local path, or one the workers can see)."""
+    num_classes: int = Field(21, ge=2, le=255)
+    """Number of classes K including background (VOC: 21). Label values are 0..K-1 and 255."""
+    image_dir: str = "JPEGImages"
+    """Folder of `<id>.jpg` images, relative to `root`."""
+    scribble_dir: str = "pascal_2012_scribble"
+    """Folder of scribble PNGs (0 = background scribble, 255 = not scribbled)."""
+    gt_dir: str = "SegmentationClassAug"
+    """Folder of ground-truth PNGs: used for evaluation and pseudo-label quality only."""
+    train_list: str = "ImageSets/SegmentationAug/train.txt"
+    """Training ids, one per line, relative to `root`."""
+    val_list: str = "ImageSets/SegmentationAug/val.txt"
+    """Validation ids, one per line, relative to `root`."""
+    pseudo_label_dir: str | None = None
+    """External pseudo-labels (BMP, AFA, SEAM...), absolute or relative to `root`; unset = stage 1."""
+    distance_map_dir: str | None = None
+    """Precomputed distance maps (`cdsp data distance-maps`); unset = computed per sample."""
+    shrink_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    """Shorten every scribble stroke to (1 - r) of its length; 1 leaves one point per stroke."""
+    drop_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    """Remove each foreground stroke with this probability (seeded per image id)."""
+    variant_seed: int = 0
+    """Seed of the drop variant (with the image id); variants are cached per (ratio, seed)."""
+    crop_size: int = Field(465, ge=8)
+    """Square training crop; smaller images are padded with the mean colour and label 255."""
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    """Random rescaling range of the training augmentation."""
+    augment: bool = True
+    """Random scale, rotation, blur and flip during training (the crop is always applied)."""
+    loader_workers: int = Field(2, ge=0)
+    """DataLoader worker processes per training process."""
+
+    @field_validator("scale_range")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"need 0 < min <= max, got {list(v)}")
+        return v
+
+
+class Stage1Spec(_Section):
+    backbone: Backbone = "resnet50"
+    """Backbone of the multi-label CAM classifier."""
+    pretrained: str = "none"
+    """`none`, `imagenet` (torchvision cache under TORCH_HOME, never downloaded) or a file path."""
+    output_stride: Literal[8, 16] = 16
+    """Output stride of the classifier's last feature map (the CAM resolution)."""
+    epochs: int = Field(5, ge=1)
+    """Training epochs of the classifier."""
+    batch_size: int = Field(16, ge=1)
+    """Global batch size (split evenly across workers)."""
+    lr: float = Field(0.01, gt=0)
+    """Base learning rate (SGD, momentum 0.9, cosine decay to 0)."""
+    weight_decay: float = Field(1e-4, ge=0)
+    """SGD weight decay."""
+    crop_labels: bool = False
+    """Label each augmented crop by the scribble pixels it keeps (unknown classes masked) instead of
+    the whole image's classes: no label noise from random scaling and cropping."""
+    cam_threshold: float = Field(0.25, ge=0.0, le=1.0)
+    """Background score tau: a pixel is background unless a present class's CAM exceeds it."""
+    cam_scales: list[float] = Field(default_factory=lambda: [1.0, 0.5, 1.5, 2.0])
+    """Input scales of the CAM inference (each also horizontally flipped)."""
+
+    @field_validator("cam_scales")
+    @classmethod
+    def _positive_scales(cls, v: list[float]) -> list[float]:
+        if not v or any(s <= 0 for s in v):
+            raise ValueError(f"need a non-empty list of positive scales, got {v}")
+        return v
+
+
+class LossSwitches(_Section):
+    segs: bool = True
+    """Partial cross-entropy on the scribble (Eq. 8)."""
+    segc: bool = True
+    """Label-smoothed cross-entropy on the pseudo-label (Eq. 9)."""
+    ds: bool = True
+    """Distance entropy with the scribble distance map (Eq. 16-17)."""
+    dc: bool = True
+    """Distance entropy with the pseudo-label boundary distance map (Eq. 14-15)."""
+    lorm: bool = True
+    """Localization rectification module loss (Eq. 10-13)."""
+
+
+class LossWeights(_Section):
+    segs: float = Field(1.0, ge=0)
+    """Weight of the partial cross-entropy."""
+    segc: float = Field(1.0, ge=0)
+    """Weight of the label-smoothed cross-entropy."""
+    ds: float = Field(1.0, ge=0)
+    """Weight of the scribble distance entropy."""
+    dc: float = Field(1.0, ge=0)
+    """Weight of the boundary distance entropy."""
+    lorm: float = Field(1.0, ge=0)
+    """Weight of the LoRM loss."""
+
+
+class Stage2Spec(_Section):
+    segmentor: Literal["deeplabv2", "deeplabv3plus"] = "deeplabv3plus"
+    """Segmentation head: DeepLabV2 (ASPP sum) or DeepLabV3+ (ASPP + low-level decoder)."""
+    backbone: Backbone = "resnet101"
+    """torchvision ResNet backbone."""
+    pretrained: str = "none"
+    """`none`, `imagenet` (torchvision cache under TORCH_HOME, never downloaded) or a file path."""
+    output_stride: Literal[8, 16] = 8
+    """Output stride of the backbone (dilated layer3/layer4 at 8)."""
+    epochs: int = Field(50, ge=1)
+    """Training epochs."""
+    batch_size: int = Field(16, ge=1)
+    """Global batch size (split evenly across workers)."""
+    lr: float = Field(1e-3, gt=0)
+    """Base learning rate of the warm-up + cosine schedule."""
+    head_lr_mult: float = Field(1.0, gt=0)
+    """Learning-rate multiplier of the head and LoRM (DeepLab fine-tuning often uses 10)."""
+    momentum: float = Field(0.9, ge=0, lt=1)
+    """SGD momentum."""
+    weight_decay: float = Field(5e-4, ge=0)
+    """SGD weight decay."""
+    warmup_epochs: float = Field(10, ge=0)
+    """Linear warm-up from 0 (paper 10, official code 5); then cosine decay to 0."""
+    lambda_s: float = 1.0
+    """Exponent of the scribble distance map: distances are scaled by sqrt(e^lambda_s) (Eq. 16)."""
+    lambda_c: float = 6.0
+    """Exponent of the pseudo-label boundary distance map (Eq. 14)."""
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    """Epsilon of the smoothed cross-entropy on the pseudo-label (Eq. 9)."""
+    losses: LossSwitches = Field(default_factory=LossSwitches)
+    """Which loss terms are on (ablation, Table 2)."""
+    loss_weights: LossWeights = Field(default_factory=LossWeights)
+    """Weight of each loss term."""
+    lorm_mask: Literal["query", "key"] = "query"
+    """LoRM foreground mask on the query rows (official code) or on the keys (paper's prose)."""
+    amp: bool = True
+    """bf16 autocast on CUDA (ignored on CPU)."""
+    channels_last: bool = True
+    """Channels-last memory format (faster convolutions on CUDA and on recent CPUs)."""
+    eval_scales: list[float] = Field(default_factory=lambda: [1.0])
+    """Evaluation scales; more than one (plus `eval_flip`) gives multi-scale inference."""
+    eval_flip: bool = False
+    """Average with the horizontally flipped prediction at evaluation."""
+    eval_every: int = Field(1, ge=1)
+    """Evaluate on the validation split every this many epochs (and always after the last)."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """How many epoch checkpoints to keep in the run folder."""
+
+    @field_validator("eval_scales")
+    @classmethod
+    def _positive_scales(cls, v: list[float]) -> list[float]:
+        if not v or any(s <= 0 for s in v):
+            raise ValueError(f"need a non-empty list of positive scales, got {v}")
+        return v
+
+
+class ResourcesSpec(_Section):
+    num_workers: int = Field(1, ge=1)
+    """Ray Train workers (DDP ranks); a plain `cdsp run` uses one process."""
+    use_gpu: bool = False
+    """One GPU per worker and NCCL; gloo on CPU otherwise."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    """CPUs reserved per worker (data loading happens inside the worker)."""
+    max_failures: int = Field(0, ge=-1)
+    """Worker-group restarts from the latest checkpoint before the run fails (-1 = unlimited)."""
+
+
+class Domain(_Section):
+    """One search dimension: exactly one of the fields is set."""
+
+    grid: list[Any] | None = None
+    """Every value is tried (a grid over all grid dimensions)."""
+    choice: list[Any] | None = None
+    """One value drawn at random per sample."""
+    uniform: tuple[float, float] | None = None
+    """A float drawn uniformly from [low, high]."""
+    loguniform: tuple[float, float] | None = None
+    """A float drawn log-uniformly from [low, high] (both > 0)."""
+    randint: tuple[int, int] | None = None
+    """An integer drawn from [low, high)."""
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Domain:
+        set_ = [k for k in ("grid", "choice", "uniform", "loguniform", "randint") if getattr(self, k) is not None]
+        if len(set_) != 1:
+            raise ValueError(f"set exactly one of grid, choice, uniform, loguniform, randint (got {set_ or 'none'})")
+        key = set_[0]
+        value = getattr(self, key)
+        if key in ("grid", "choice") and not value:
+            raise ValueError(f"{key} needs at least one value")
+        if key in ("uniform", "loguniform", "randint") and not value[0] < value[1]:
+            raise ValueError(f"{key} needs low < high, got {list(value)}")
+        if key == "loguniform" and value[0] <= 0:
+            raise ValueError(f"loguniform needs low > 0, got {value[0]}")
+        return self
+
+    def values(self) -> list[Any]:
+        """Every value this domain can take, when it is finite (grid and choice)."""
+        if self.grid is not None:
+            return list(self.grid)
+        if self.choice is not None:
+            return list(self.choice)
+        raise ValueError("only grid and choice domains have a finite list of values")
+
+
+class SearchSpec(_Section):
+    space: dict[str, Domain] = Field(default_factory=dict)
+    """Dotted spec key -> domain, e.g. `stage2.lambda_s: {grid: [0, 1, 2]}`."""
+    num_samples: int = Field(1, ge=1)
+    """Samples of the random domains (repeated for every grid point, as in Ray Tune)."""
+    metric: Literal["miou"] = "miou"
+    """Metric the search optimises (validation mIoU in percent)."""
+    mode: Literal["max", "min"] = "max"
+    """Whether the metric is maximised or minimised."""
+    max_concurrent_trials: int = Field(2, ge=1)
+    """Trials running at the same time (each a Ray Train run with `resources.num_workers`)."""
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    """`asha` stops weak trials early (after `grace_period` epochs)."""
+    grace_period: int = Field(1, ge=1)
+    """Epochs every trial runs before ASHA may stop it."""
+
+    @field_validator("space")
+    @classmethod
+    def _known_keys(cls, v: dict[str, Domain]) -> dict[str, Domain]:
+        for key in v:
+            if key.split(".")[0] in ("search", "kind", "name"):
+                raise ValueError(f"{key!r} cannot be searched over")
+            _check_key(key)
+        return v
+
+
+class ExperimentSpec(_Section):
+    """A complete experiment: data, both stages, resources and (for `kind: search`) the space."""
+
+    name: str = Field("experiment", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+    """Human-readable name (letters, digits, `.`, `_`, `-`)."""
+    kind: Kind = "pipeline"
+    """`pipeline` (stage 1 + 2), `stage1` (pseudo-labels only), `stage2`, or `search`."""
+    seed: int = 0
+    """Seed of every random generator (model init, sampling, augmentation)."""
+    data: DataSpec = Field(default_factory=DataSpec)
+    """Dataset location and conventions."""
+    stage1: Stage1Spec = Field(default_factory=Stage1Spec)
+    """Classifier and CAM pseudo-labels."""
+    stage2: Stage2Spec = Field(default_factory=Stage2Spec)
+    """Segmentation model and the CDSP loss."""
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    """Ray Train resources."""
+    search: SearchSpec | None = None
+    """Search space and settings; required for `kind: search`."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExperimentSpec:
+        workers = self.resources.num_workers
+        for stage in ("stage1", "stage2"):
+            bs = getattr(self, stage).batch_size
+            if bs % workers:
+                raise ValueError(f"{stage}.batch_size={bs} is not divisible by resources.num_workers={workers}")
+        if self.kind == "search" and (self.search is None or not self.search.space):
+            raise ValueError("kind 'search' needs search.space with at least one key")
+        if self.kind != "search" and self.search is not None and self.search.space:
+            raise ValueError(f"search.space is set but kind is {self.kind!r}; use kind: search")
+        if self.kind == "stage2" and self.data.pseudo_label_dir is None:
+            needs = [t for t in PSEUDO_TERMS if getattr(self.stage2.losses, t)]
+            if needs:
+                raise ValueError(
+                    "kind 'stage2' trains without stage 1, so data.pseudo_label_dir must be set "
+                    f"while stage2.losses {needs} are on"
+                )
+        if not any(getattr(self.stage2.losses, t) for t in LOSS_TERMS):
+            raise ValueError("stage2.losses: every term is off; switch at least one on")
+        return self
+
+    # ---- helpers -------------------------------------------------------------------------
+    @property
+    def needs_pseudo_labels(self) -> bool:
+        """Whether stage 2 uses a pseudo-label (any of LS-CE, DEL_c, LoRM is on)."""
+        return any(getattr(self.stage2.losses, t) for t in PSEUDO_TERMS)
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> ExperimentSpec:
+        """A new spec with dotted keys replaced (values validated as usual)."""
+        data = self.model_dump(mode="python")
+        for key, value in overrides.items():
+            try:
+                _set_dotted(data, key, value)
+            except ValueError as exc:
+                raise SpecError([(key, str(exc))]) from None
+        return validate_spec(data)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _section(ann: Any) -> type[BaseModel] | None:
+    """The sub-spec model of a field annotation (`SearchSpec | None` counts), else None."""
+    arms = get_args(ann) if get_origin(ann) in (Union, UnionType) else (ann,)
+    for arm in arms:
+        if isinstance(arm, type) and issubclass(arm, BaseModel):
+            return arm
+    return None
+
+
+def _check_key(key: str) -> None:
+    """Raise unless `key` is a dotted path to a leaf field of ExperimentSpec."""
+    model: type[BaseModel] | None = ExperimentSpec
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if model is None or part not in model.model_fields:
+            where = ".".join(parts[:i]) or "the spec"
+            valid = sorted(model.model_fields) if model is not None else []
+            raise ValueError(f"unknown key {key!r}: {where} has no field {part!r} (valid: {valid})")
+        model = _section(model.model_fields[part].annotation)
+    if model is not None:
+        raise ValueError(f"{key!r} is a section, not a single value")
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    _check_key(key)
+    node = data
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, dict):
+            where = ".".join(parts[: i + 1])
+            raise ValueError(f"cannot set {key!r}: {where} is {type(node).__name__} {node!r}, not a mapping")
+    node[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`"stage2.lambda_s=2"` -> ("stage2.lambda_s", 2); the value is parsed as YAML."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise SpecError([(item, "an override must look like key=value, e.g. stage2.epochs=5")])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise SpecError([(key, f"value {raw!r} is not valid YAML: {exc}")]) from exc
+    return key, value
+
+
+def validate_spec(data: Mapping[str, Any]) -> ExperimentSpec:
+    """Validate a plain mapping; raise SpecError with (field path, message) pairs."""
+    try:
+        return ExperimentSpec.model_validate(data)
+    except ValidationError as exc:
+        errors = []
+        for err in exc.errors():
+            path = ".".join(str(p) for p in err["loc"])
+            errors.append((path, err["msg"]))
+        raise SpecError(errors) from None
+
+
+def load_spec(source: str | Path | Mapping[str, Any], overrides: Iterable[str] = ()) -> ExperimentSpec:
+    """Load a spec from a YAML file (or a mapping) and apply `--set key=value` overrides."""
+    if isinstance(source, Mapping):
+        data: dict[str, Any] = copy.deepcopy(dict(source))
+    else:
+        path = Path(source)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise SpecError([("", f"cannot read spec file {path}: {exc.strerror}")]) from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise SpecError([("", f"{path} is not valid YAML: {exc}")]) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise SpecError([("", f"{path} must hold a mapping, not {type(loaded).__name__}")])
+        data = loaded
+    for item in overrides:
+        key, value = parse_override(item)
+        try:
+            _set_dotted(data, key, value)
+        except ValueError as exc:
+            raise SpecError([(key, str(exc))]) from None
+    return validate_spec(data)
+
+
+def spec_keys() -> list[str]:
+    """Every dotted leaf key of the spec (what `--set` and search spaces accept)."""
+    keys: list[str] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+            elif name not in ("search",):
+                keys.append(prefix + name)
+
+    walk(ExperimentSpec, "")
+    return keys
+
+
+def grid_size(search: SearchSpec) -> int:
+    """Number of trials of a search: the grid's size times num_samples."""
+    n = math.prod(len(d.grid) for d in search.space.values() if d.grid is not None)
+    return n * search.num_samples

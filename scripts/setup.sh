@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Create (or reuse) the virtual environment .venv at the repo root and install the project into
+# it in editable mode with pip. Re-running is cheap: nothing is reinstalled unless pyproject.toml
+# changed since the last successful install.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+# The torch build we test with, and the one the Docker images pin (tests/deploy check they agree).
+# pip takes both from local disk on these machines; a bare range may settle on an older build.
+TORCH_PINS="torch==2.14.1 torchvision==0.29.1"
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "error: Python >= 3.11 is required ($PY is $("$PY" -V 2>&1))" >&2
+  exit 2
+fi
+if [ ! -x .venv/bin/python ]; then
+  echo "creating .venv"
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.cdsp-installed
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "installing the project and its dependencies into .venv (pip, editable)"
+  .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+  # shellcheck disable=SC2086
+  .venv/bin/python -m pip install -q $TORCH_PINS 2>&1 | grep -v '^WARNING: Location' || true
+  .venv/bin/python -m pip install -q -e ".[dev]" $TORCH_PINS 2>&1 | grep -v '^WARNING: Location' || true
+  .venv/bin/python -c 'import cdsp_core, workers, service, torch, ray' # fails loudly if the install did not
+  echo "$want" >"$stamp"
+fi
