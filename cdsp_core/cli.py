@@ -1,0 +1,270 @@
+"""Core commands of `cdsp`: dataset tools, `run` and `predict`.
+
+Heavy modules (torch, OpenCV) are imported inside the commands so that `cdsp --help` and the
+REST client verbs start quickly. The console script itself is `service.cli:app`, which adds
+`serve` and the client verbs to these.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+console = Console()
+err = Console(stderr=True)
+
+app = typer.Typer(help="CDSP: scribble-supervised semantic segmentation.", no_args_is_help=True)
+data_app = typer.Typer(
+    help="Dataset tools: synthetic data, scribble variants, distance maps, converters.",
+    no_args_is_help=True,
+)
+app.add_typer(data_app, name="data")
+
+RootOpt = Annotated[Path, typer.Option("--root", help="Dataset root (VOC/ScribbleSup layout).")]
+
+
+def fail(message: str) -> None:
+    """Print a one-line error and exit 2."""
+    err.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(2)
+
+
+@data_app.command("synth")
+def data_synth(
+    root: RootOpt = Path("data/synthetic"),
+    train: Annotated[int, typer.Option(help="Training images.")] = 400,
+    val: Annotated[int, typer.Option(help="Validation images.")] = 60,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 96,
+    classes: Annotated[int, typer.Option("--classes", help="Classes including background.")] = 5,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    workers: Annotated[int, typer.Option(help="Processes used to render.")] = 2,
+    preview: Annotated[bool, typer.Option(help="Write preview.png (image, truth, scribble, d_s, d_c).")] = True,
+) -> None:
+    """Generate the synthetic dataset (deterministic per seed) and a preview figure."""
+    from cdsp_core.data.synthetic import generate
+    from cdsp_core.figures import dataset_preview
+
+    try:
+        stats = generate(root, train, val, size, classes, seed, workers=workers)
+    except ValueError as exc:
+        fail(str(exc))
+    console.print(
+        f"wrote {stats['num_train']} train + {stats['num_val']} val images of {size} px, "
+        f"{classes} classes ({', '.join(stats['classes'][1:])}), "
+        f"{stats['scribbled_percent']:.1f}% of train pixels scribbled, in {stats['seconds']:.1f} s -> {root}"
+    )
+    if preview:
+        path = dataset_preview(root, classes, root / "preview.png")
+        console.print(f"preview: {path}")
+
+
+@data_app.command("variants")
+def data_variants(
+    root: RootOpt = Path("data/synthetic"),
+    shrink: Annotated[float, typer.Option(help="Shrink ratio r in [0, 1].")] = 0.0,
+    drop: Annotated[float, typer.Option(help="Drop ratio r in [0, 1].")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed of the drop variant.")] = 0,
+    num_classes: Annotated[int, typer.Option(help="Classes including background.")] = 5,
+    scribble_dir: Annotated[str, typer.Option(help="Base scribble folder under the root.")] = "pascal_2012_scribble",
+    train_list: Annotated[
+        str, typer.Option(help="Split list whose ids get variants.")
+    ] = "ImageSets/SegmentationAug/train.txt",
+) -> None:
+    """Write (or reuse) a cached shrink/drop variant of the scribbles."""
+    from cdsp_core.data.layout import DatasetError
+    from cdsp_core.data.scribbles import make_variant
+    from cdsp_core.spec import DataSpec
+
+    if not shrink and not drop:
+        fail("give --shrink and/or --drop (both are 0)")
+    try:
+        data = DataSpec(
+            root=str(root),
+            num_classes=num_classes,
+            scribble_dir=scribble_dir,
+            train_list=train_list,
+        )
+        folder = make_variant(data, shrink, drop, seed)
+    except (ValueError, DatasetError) as exc:
+        fail(str(exc))
+    console.print(f"variant: {folder}")
+
+
+@data_app.command("distance-maps")
+def data_distance_maps(
+    root: RootOpt = Path("data/synthetic"),
+    out: Annotated[Path, typer.Option(help="Cache folder (relative paths are under the root).")] = Path(
+        "distance_maps"
+    ),
+    lambda_s: Annotated[float, typer.Option(help="Exponent lambda_s of Eq. 16.")] = 1.0,
+    lambda_c: Annotated[float, typer.Option(help="Exponent lambda_c of Eq. 14.")] = 6.0,
+    num_classes: Annotated[int, typer.Option(help="Classes including background.")] = 5,
+    scribble_dir: Annotated[str, typer.Option(help="Scribble folder under the root.")] = "pascal_2012_scribble",
+    pseudo_dir: Annotated[str | None, typer.Option(help="Pseudo-label folder (absolute or under the root).")] = None,
+    train_list: Annotated[str, typer.Option(help="Split list.")] = "ImageSets/SegmentationAug/train.txt",
+) -> None:
+    """Precompute the scribble (and pseudo-label boundary) distance maps of every training image."""
+    from cdsp_core.data.distance_maps import write_distance_maps
+    from cdsp_core.data.layout import DatasetError
+    from cdsp_core.spec import DataSpec
+
+    try:
+        data = DataSpec(
+            root=str(root),
+            num_classes=num_classes,
+            scribble_dir=scribble_dir,
+            pseudo_label_dir=pseudo_dir,
+            train_list=train_list,
+        )
+        folder, n, seconds = write_distance_maps(data, out, lambda_s, lambda_c)
+    except (ValueError, DatasetError) as exc:
+        fail(str(exc))
+    console.print(
+        f"wrote {n} images' distance maps in {seconds:.1f} s ({1000 * seconds / max(n, 1):.2f} ms each) -> {folder}"
+    )
+
+
+@data_app.command("scribblesup-xml")
+def data_scribblesup_xml(
+    xml_dir: Annotated[Path, typer.Argument(help="Folder of ScribbleSup XML files.")],
+    out: Annotated[Path, typer.Option(help="Output folder of scribble PNGs.")],
+    images: Annotated[Path | None, typer.Option(help="Image folder, for XML files without <size>.")] = None,
+    width: Annotated[int, typer.Option(help="Stroke width in pixels.")] = 3,
+) -> None:
+    """Convert the original ScribbleSup XML annotations to scribble PNGs."""
+    from cdsp_core.data.layout import DatasetError
+    from cdsp_core.data.scribblesup import convert
+
+    try:
+        n = convert(xml_dir, out, images, width)
+    except (ValueError, DatasetError) as exc:
+        fail(str(exc))
+    console.print(f"converted {n} annotations -> {out}")
+
+
+@data_app.command("degrade")
+def data_degrade(
+    root: RootOpt = Path("data/synthetic"),
+    level: Annotated[float, typer.Option(help="Error strength in [0, 1]: 0 is the ground truth.")] = 0.5,
+    seed: Annotated[int, typer.Option(help="Random seed (with each image id).")] = 0,
+    num_classes: Annotated[int, typer.Option(help="Classes including background.")] = 5,
+    out: Annotated[str | None, typer.Option(help="Output folder name under the root.")] = None,
+) -> None:
+    """Pseudo-labels of controlled quality: ground truth with CAM-like errors (for the Table 3 study)."""
+    from cdsp_core.data.degrade import write_degraded
+    from cdsp_core.data.layout import DatasetError
+    from cdsp_core.spec import DataSpec
+
+    try:
+        name, miou = write_degraded(DataSpec(root=str(root), num_classes=num_classes), level, seed, out)
+    except (ValueError, DatasetError) as exc:
+        fail(str(exc))
+    console.print(f"pseudo-labels at level {level:g}: {miou:.2f} mIoU against ground truth -> {root / name}")
+    console.print(f"use them with: --set data.pseudo_label_dir={name}")
+
+
+@app.command("run")
+def run(
+    config: Annotated[Path, typer.Argument(help="Experiment spec (YAML).")],
+    out: Annotated[str, typer.Option("--out", help="Run folder: a local path or a storage URI (s3://...).")],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a spec key: key=value (repeatable).")
+    ] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            # A value is required: Typer has no options with an optional value (flag_value is ignored).
+            help="Run through Ray (Train DDP, Tune): `--ray local` starts a local cluster, `--ray ADDRESS` "
+            "(host:port, or `auto` inside a cluster) joins one.",
+        ),
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Progress bars (the line per epoch is always printed).")] = True,
+) -> None:
+    """Run an experiment: stage 1 (or external pseudo-labels), stage 2 and evaluation, into one run folder."""
+    from cdsp_core.spec import SpecError, load_spec
+
+    try:
+        spec = load_spec(config, set_ or [])
+    except SpecError as exc:
+        fail(str(exc))
+    if ray is not None:
+        _run_on_ray(spec, out, ray)
+        return
+    import torch
+
+    from cdsp_core.data.layout import DatasetError
+    from cdsp_core.pipeline import run_pipeline
+    from cdsp_core.runner import Runner, default_device
+
+    if spec.resources.use_gpu and not torch.cuda.is_available():
+        fail("resources.use_gpu is true but no CUDA device is visible")
+    runner = Runner(run=out, device=default_device(spec.resources.use_gpu), progress=progress)
+    try:
+        result = run_pipeline(spec, out, runner)
+    except (DatasetError, ValueError) as exc:
+        fail(str(exc))
+    _print_result(result, out)
+
+
+def _print_result(result: dict, out: str) -> None:
+    parts = []
+    if result.get("pseudo_label_miou") is not None:
+        parts.append(f"pseudo-label mIoU {result['pseudo_label_miou']:.2f}")
+    if result.get("miou") is not None:
+        parts.append(f"val mIoU {result['miou']:.2f}")
+    parts.append(f"{result.get('duration_s', 0):.0f} s")
+    console.print(f"[bold]done[/bold]: {', '.join(parts)}")
+    if result.get("checkpoint"):
+        console.print(f"checkpoint: {out.rstrip('/')}/{result['checkpoint']}")
+
+
+def _run_on_ray(spec: object, out: str, address: str) -> None:
+    """Hand the spec to the Ray job entrypoint (the same one the service's jobs run)."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(spec.to_yaml())  # type: ignore[attr-defined]
+    cmd = [sys.executable, "-m", "workers.run", "--spec", f.name, "--out", out]
+    if address != "local":
+        cmd += ["--address", address]
+    try:
+        code = subprocess.call(cmd, env=os.environ.copy())
+    finally:
+        os.unlink(f.name)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command("predict")
+def predict(
+    checkpoint: Annotated[str, typer.Argument(help="A stage-2 checkpoint (.pt, local path or URI).")],
+    images: Annotated[list[Path], typer.Argument(help="Images to segment.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    raw: Annotated[bool, typer.Option(help="Also write the label map (<name>_label.png, class indices).")] = False,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+) -> None:
+    """Write colour-coded masks (<name>.png) for images with a trained stage-2 checkpoint."""
+    from cdsp_core.data.layout import DatasetError
+    from cdsp_core.predict import predict_files
+
+    try:
+        written = predict_files(checkpoint, images, out, device=device, raw=raw)
+    except (DatasetError, ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+    for path in written:
+        console.print(str(path))
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

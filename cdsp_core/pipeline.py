@@ -1,0 +1,172 @@
+"""The whole method in one process: stage 1 (or external pseudo-labels), stage 2, evaluation.
+
+`cdsp run` calls `run_pipeline`. The Ray driver in `workers/` runs the same steps (the
+functions below) inside Ray Train workers. Everything lands in the run folder (`cdsp_core.runs`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from cdsp_core import runs
+from cdsp_core.cam import generate_pseudo_labels, label_quality
+from cdsp_core.data.layout import DatasetError, Layout, check_layout
+from cdsp_core.data.scribbles import scribble_folder
+from cdsp_core.engine import train_classifier, train_segmentor
+from cdsp_core.runner import Runner, append_metrics, default_device, latest_run_checkpoint, load_checkpoint
+from cdsp_core.spec import ExperimentSpec
+
+COMPLETE = ".complete"
+
+
+def runs_stage1(spec: ExperimentSpec) -> bool:
+    """Whether stage 1 trains: no external pseudo-labels, and pseudo-labels are wanted."""
+    if spec.data.pseudo_label_dir is not None:
+        return False
+    return spec.kind == "stage1" or (spec.kind in ("pipeline", "search") and spec.needs_pseudo_labels)
+
+
+def prepare_run(spec: ExperimentSpec, run: str, is_main: bool = True) -> Path:
+    """Write spec.yaml, refuse a dataset that does not hold the layout, return the scribble folder."""
+    if is_main:
+        runs.write_text(runs.join(run, runs.SPEC), spec.to_yaml())
+    problems = check_layout(spec.data, need_pseudo=spec.data.pseudo_label_dir is not None)
+    if problems:
+        raise DatasetError("dataset problems: " + "; ".join(problems))
+    return scribble_folder(spec.data)
+
+
+def pseudo_label_dir(run: str) -> Path:
+    """Where this process writes/reads the run's pseudo-labels: the run folder itself when it is
+    local, otherwise a local cache mirrored to `run/pseudo_labels`."""
+    if not runs.is_remote(run):
+        return runs.local_path(runs.join(run, runs.PSEUDO_LABELS))
+    key = hashlib.sha1(run.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "cdsp-pseudo" / key
+
+
+def finished_pseudo_labels(run: str) -> tuple[Path, float | None] | None:
+    """Pseudo-labels a previous attempt completed (fetched locally), with their recorded quality."""
+    location = runs.join(run, runs.PSEUDO_LABELS)
+    if not runs.exists(runs.join(location, COMPLETE)):
+        return None
+    local = pseudo_label_dir(run)
+    if runs.is_remote(run) and not (local / COMPLETE).is_file():
+        _fetch_atomically(location, local)
+    miou = None
+    for row in runs.read_jsonl(runs.join(run, runs.METRICS)):
+        if row.get("stage") == "pseudo_labels":
+            miou = row.get("pseudo_label_miou")
+    return local, miou
+
+
+def publish_pseudo_labels(run: str, local: Path, miou: float | None) -> None:
+    """Rank 0, after every rank wrote its share: record quality, mark complete, mirror if remote."""
+    append_metrics(run, {"stage": "pseudo_labels", "pseudo_label_miou": miou, "time": time.time()})
+    if runs.is_remote(run):  # the labels first: the marker promises that they are all there
+        runs.upload(local, runs.join(run, runs.PSEUDO_LABELS))
+    (local / COMPLETE).write_text("ok\n")
+    if runs.is_remote(run):
+        runs.upload(local / COMPLETE, runs.join(run, runs.PSEUDO_LABELS, COMPLETE))
+
+
+def _fetch_atomically(location: str, local: Path) -> None:
+    """Download a finished pseudo-label folder to `local` under a file lock, into a temporary folder
+    renamed into place, so that processes sharing this machine (Ray workers, search trials) fetch
+    it once and never read a half-fetched folder."""
+    import fcntl
+    import os
+    import shutil
+
+    local.parent.mkdir(parents=True, exist_ok=True)
+    with open(local.parent / f".{local.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (local / COMPLETE).is_file():  # another process fetched it meanwhile
+            return
+        tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=local.parent))
+        try:
+            runs.download(location, tmp)
+            shutil.rmtree(local, ignore_errors=True)  # a partial local copy (an interrupted stage 1)
+            os.rename(tmp, local)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_stage1_model(spec: ExperimentSpec, run: str) -> nn.Module | None:
+    """The classifier from the run's last stage-1 checkpoint, if there is one."""
+    from cdsp_core.models import build_classifier
+
+    path = latest_run_checkpoint(run, "stage1")
+    if path is None:
+        return None
+    s1 = spec.stage1
+    model = build_classifier(s1.backbone, spec.data.num_classes, s1.output_stride, "none")
+    model.load_state_dict(load_checkpoint(path)["model"])
+    return model
+
+
+def write_result(run: str, result: dict[str, Any]) -> None:
+    runs.write_text(runs.join(run, runs.RESULT), json.dumps(result, indent=2) + "\n")
+
+
+def run_pipeline(spec: ExperimentSpec, out: str, runner: Runner | None = None, figures: bool = True) -> dict[str, Any]:
+    """Run the experiment in this process and write the run folder; returns result.json's content.
+
+    Running it again on the same folder resumes: finished pseudo-labels are reused and each stage
+    continues after its latest checkpoint.
+    """
+    if spec.kind == "search":
+        raise ValueError("kind 'search' runs trials on Ray: use `cdsp run CONFIG --ray`")
+    runner = runner or Runner(run=out, device=default_device(spec.resources.use_gpu))
+    start = time.perf_counter()
+    scribble_dir = prepare_run(spec, out, runner.is_main)
+    result: dict[str, Any] = {"name": spec.name, "kind": spec.kind, "miou": None, "pseudo_label_miou": None}
+    epochs: dict[str, int] = {}
+    classifier: nn.Module | None = None
+    pseudo_dir: Path | None = None
+    if spec.data.pseudo_label_dir is not None:
+        pseudo_dir = Layout.from_spec(spec.data).pseudo_label_dir
+        assert pseudo_dir is not None
+        cm = label_quality(spec, pseudo_dir, runner)
+        result["pseudo_label_miou"] = round(cm.miou(), 4) if cm else None
+    elif runs_stage1(spec):
+        done = finished_pseudo_labels(out)
+        if done is not None:
+            pseudo_dir, result["pseudo_label_miou"] = done
+        else:
+            classifier = train_classifier(spec, runner, scribble_dir=scribble_dir)
+            pseudo_dir = pseudo_label_dir(out)
+            cm = generate_pseudo_labels(classifier, spec, runner, scribble_dir=scribble_dir, out_dir=pseudo_dir)
+            result["pseudo_label_miou"] = round(cm.miou(), 4) if cm else None
+            if runner.is_main:
+                publish_pseudo_labels(out, pseudo_dir, result["pseudo_label_miou"])
+                if runner.verbose:
+                    runner.log(
+                        f"pseudo-labels: {result['pseudo_label_miou']} mIoU against ground truth -> {pseudo_dir}"
+                    )
+        epochs["stage1"] = spec.stage1.epochs
+    model = None
+    if spec.kind == "stage1":
+        result["checkpoint"] = f"{runs.CHECKPOINTS}/stage1-epoch{spec.stage1.epochs:03d}.pt"
+    else:
+        model, final = train_segmentor(spec, runner, scribble_dir=scribble_dir, pseudo_dir=pseudo_dir)
+        result.update(miou=final["miou"], per_class_iou=final["per_class_iou"], checkpoint=final["checkpoint"])
+        epochs["stage2"] = spec.stage2.epochs
+    result["epochs"] = epochs
+    result["duration_s"] = round(time.perf_counter() - start, 2)
+    if runner.is_main:
+        if figures:
+            from cdsp_core.figures import run_figures
+
+            if classifier is None and runs_stage1(spec):
+                classifier = load_stage1_model(spec, out)
+            run_figures(spec, out, model, classifier, pseudo_dir, scribble_dir, runner.device)
+        write_result(out, result)
+    return result

@@ -1,0 +1,221 @@
+"""The run folder (DESIGN section 7) and storage URIs.
+
+Every run, whether `cdsp run`, the Ray pipeline or a service experiment, writes the same layout:
+
+    spec.yaml        the ExperimentSpec, exactly as run
+    metrics.jsonl    one JSON object per line: stage, epoch, epochs, losses, lr, miou when evaluated
+    pseudo_labels/   stage-1 output (PNG, label convention)
+    checkpoints/     self-contained .pt files (model, optimizer, epoch, step, RNG states, spec)
+    result.json      miou, pseudo_label_miou (percent), per_class_iou, epochs, checkpoint, duration_s
+    figures/*.png    sample grid, mIoU curve (search: heatmap and ratio curves)
+    logs/            job logs
+    trials.json      searches: one object per trial (params, miou, status, checkpoint)
+
+A location is a local path or an fsspec URI (`s3://bucket/prefix`, `file:///...`, `memory://`).
+This module imports fsspec lazily and nothing of torch, so the control plane can use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+SPEC = "spec.yaml"
+METRICS = "metrics.jsonl"
+RESULT = "result.json"
+TRIALS = "trials.json"
+CHECKPOINTS = "checkpoints"
+FIGURES = "figures"
+LOGS = "logs"
+PSEUDO_LABELS = "pseudo_labels"
+
+
+def is_remote(location: str | os.PathLike[str]) -> bool:
+    """True for a URI with a scheme other than file:// (s3://, gs://, memory://...)."""
+    scheme = urlparse(str(location)).scheme
+    return len(scheme) > 1 and scheme != "file"  # one letter is a Windows drive
+
+
+def join(location: str | os.PathLike[str], *parts: str) -> str:
+    """Join path parts onto a local path or URI with `/`."""
+    base = str(location).rstrip("/")
+    return "/".join([base, *(p.strip("/") for p in parts if p)])
+
+
+def _fs(location: str) -> tuple[Any, str]:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(location, **storage_options(location))
+    return fs, path
+
+
+def storage_options(location: str) -> dict[str, Any]:
+    """fsspec options for a location: S3 endpoint and credentials come from the environment.
+
+    `AWS_ENDPOINT_URL` (or `CDSP_S3_ENDPOINT`) points s3:// at an S3-compatible server (MinIO).
+    Listings are never cached: run folders are written by other processes (Ray workers) while the
+    control plane polls them, and s3fs's default listings cache would keep answering with the
+    folder as it was first seen (new checkpoints missing, old sizes, files "not found").
+    """
+    if urlparse(location).scheme != "s3":
+        return {}
+    options: dict[str, Any] = {"use_listings_cache": False}
+    endpoint = os.environ.get("CDSP_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        options["client_kwargs"] = {"endpoint_url": endpoint}
+    return options
+
+
+def local_path(location: str | os.PathLike[str]) -> Path:
+    """A local location as a Path (file:// URIs included); raises for remote URIs."""
+    s = str(location)
+    if is_remote(s):
+        raise ValueError(f"{s} is not a local path")
+    return Path(urlparse(s).path if s.startswith("file://") else s)
+
+
+def exists(location: str) -> bool:
+    if not is_remote(location):
+        return local_path(location).exists()
+    fs, path = _fs(location)
+    return bool(fs.exists(path))
+
+
+def read_bytes(location: str) -> bytes:
+    if not is_remote(location):
+        return local_path(location).read_bytes()
+    fs, path = _fs(location)
+    return bytes(fs.cat_file(path))
+
+
+def read_text(location: str) -> str:
+    return read_bytes(location).decode()
+
+
+def write_bytes(location: str, data: bytes) -> None:
+    """Write a whole file; local writes are atomic (write + rename) so readers never see half."""
+    if not is_remote(location):
+        path = local_path(location)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return
+    fs, path_ = _fs(location)
+    fs.pipe_file(path_, data)
+
+
+def write_text(location: str, text: str) -> None:
+    write_bytes(location, text.encode())
+
+
+def listdir(location: str) -> list[str]:
+    """Names (not paths) of the entries directly under a folder; empty if it does not exist."""
+    if not is_remote(location):
+        path = local_path(location)
+        return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    fs, path_ = _fs(location)
+    if not fs.isdir(path_):  # missing, or a file: no entries, as for a local path
+        return []
+    # Writers that create folders (pyarrow, so Ray Train) leave a "folder/" marker object, which
+    # s3fs lists as an entry of the folder itself: skip it, and any name listed twice.
+    base = path_.rstrip("/")
+    return sorted({p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path_, detail=False) if p.rstrip("/") != base})
+
+
+def size(location: str) -> int:
+    if not is_remote(location):
+        return local_path(location).stat().st_size
+    fs, path = _fs(location)
+    return int(fs.size(path))
+
+
+def open_read(location: str) -> Any:
+    """A binary file object for streaming reads."""
+    if not is_remote(location):
+        return local_path(location).open("rb")
+    fs, path = _fs(location)
+    return fs.open(path, "rb")
+
+
+def iter_chunks(location: str, chunk: int = 1 << 20) -> Iterator[bytes]:
+    with open_read(location) as f:
+        while block := f.read(chunk):
+            yield block
+
+
+def upload(local: Path, location: str) -> None:
+    """Copy a local file or folder to a location (a local copy when the location is local)."""
+    if not is_remote(location):
+        dst = local_path(location)
+        if dst.resolve() == local.resolve():
+            return
+        if local.is_dir():
+            shutil.copytree(local, dst, dirs_exist_ok=True)
+        else:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(local, dst)
+        return
+    fs, path = _fs(location)
+    if local.is_dir():
+        for file in sorted(p for p in local.rglob("*") if p.is_file()):
+            fs.put_file(str(file), f"{path}/{file.relative_to(local).as_posix()}")
+    else:
+        fs.put_file(str(local), path)
+
+
+def download(location: str, local: Path) -> Path:
+    """Copy a file or folder from a location to a local path; returns the local path."""
+    if not is_remote(location):
+        src = local_path(location)
+        if src.is_dir():
+            shutil.copytree(src, local, dirs_exist_ok=True)
+        else:
+            local.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, local)
+        return local
+    fs, path = _fs(location)
+    if fs.isdir(path):
+        fs.get(path.rstrip("/") + "/", str(local), recursive=True)
+    else:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(path, str(local))
+    return local
+
+
+def read_jsonl(location: str) -> list[dict[str, Any]]:
+    """Every complete JSON line of a file (a torn last line, being written, is skipped)."""
+    if not exists(location):
+        return []
+    rows = []
+    for line in read_text(location).splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def read_json(location: str) -> Any | None:
+    """A JSON file's content, or None when it does not exist."""
+    if not exists(location):
+        return None
+    return json.loads(read_text(location))
+
+
+def remove(location: str) -> None:
+    """Delete one file; a missing file is not an error."""
+    if not is_remote(location):
+        local_path(location).unlink(missing_ok=True)
+        return
+    fs, path = _fs(location)
+    if fs.exists(path):
+        fs.rm_file(path)

@@ -1,0 +1,173 @@
+"""Engine: schedule, metrics, a perfect predictor, exact resume after an interrupted epoch."""
+
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cdsp_core import runs
+from cdsp_core.data.dataset import WholeImageDataset
+from cdsp_core.data.files import write_label
+from cdsp_core.engine import evaluate, lr_at
+from cdsp_core.metrics import ConfusionMatrix
+from cdsp_core.pipeline import run_pipeline
+from cdsp_core.runner import Runner, list_checkpoints, load_checkpoint
+from cdsp_core.spec import DataSpec, load_spec
+
+
+def test_lr_schedule_golden_values():
+    assert lr_at(0, 100, 10, 1.0) == 0.0  # warm-up starts at 0
+    assert lr_at(5, 100, 10, 1.0) == pytest.approx(0.5)
+    assert lr_at(10, 100, 10, 2.0) == pytest.approx(2.0)  # peak after warm-up
+    assert lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)  # half-way through the cosine
+    assert lr_at(100, 100, 10, 1.0) == pytest.approx(0.0)
+    assert lr_at(0, 50, 0, 1e-3) == pytest.approx(1e-3)  # no warm-up
+    t = 30
+    assert lr_at(t, 100, 20, 1.0) == pytest.approx((1 + math.cos(math.pi * 10 / 80)) / 2)
+
+
+def test_confusion_matrix_golden_miou_and_ignore():
+    cm = ConfusionMatrix(3)
+    target = torch.tensor([0, 0, 1, 1, 255, 2])
+    pred = torch.tensor([0, 1, 1, 1, 2, 2])
+    cm.update(pred, target)
+    # IoU0 = 1/2, IoU1 = 2/3, IoU2 = 1 (the 255 pixel is skipped).
+    assert cm.miou() == pytest.approx(100 * (1 / 2 + 2 / 3 + 1) / 3)
+    assert cm.per_class() == pytest.approx([50.0, 66.6667, 100.0], abs=1e-3)
+    absent = ConfusionMatrix(4)
+    absent.update(torch.tensor([0, 1]), torch.tensor([0, 1]))
+    assert absent.miou() == 100.0 and absent.per_class()[2:] == [None, None]  # absent classes excluded
+    doubled = ConfusionMatrix(3)
+    doubled.update(pred, target)
+    doubled.all_reduce(lambda t: t * 2)  # what an all-reduce over two identical ranks gives
+    assert doubled.miou() == pytest.approx(cm.miou())
+
+
+COLOURS = torch.tensor([[0.0, 0.0, 0.0], [255.0, 0.0, 0.0], [0.0, 255.0, 0.0]])
+
+
+class ColourOracle(nn.Module):
+    """Logits = minus the distance of each pixel's colour to each class colour: perfect on flat data."""
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        rgb = (images * std + mean) * 255  # (B, 3, H, W)
+        d = ((rgb.unsqueeze(1) - COLOURS.view(1, 3, 3, 1, 1)) ** 2).sum(2)
+        return {"logits": -d}
+
+
+def flat_dataset(root, n=5, size=(20, 28)):
+    rng = np.random.default_rng(0)
+    (root / "ImageSets/SegmentationAug").mkdir(parents=True)
+    ids = []
+    for i in range(n):
+        label = rng.integers(0, 3, size=(size[0] // 4, size[1] // 4)).repeat(4, 0).repeat(4, 1).astype(np.uint8)
+        image = COLOURS.numpy()[label].astype(np.uint8)
+        import cv2
+
+        (root / "JPEGImages").mkdir(exist_ok=True)
+        # Full chroma resolution, so that JPEG keeps the colour edges where the labels have them.
+        params = [cv2.IMWRITE_JPEG_QUALITY, 100, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]
+        cv2.imwrite(str(root / "JPEGImages" / f"im{i}.jpg"), image[..., ::-1], params)
+        write_label(root / "SegmentationClassAug" / f"im{i}.png", label)
+        ids.append(f"im{i}")
+    (root / "ImageSets/SegmentationAug/val.txt").write_text("\n".join(ids) + "\n")
+    return DataSpec(root=str(root), num_classes=3)
+
+
+def test_a_perfect_predictor_scores_100(tmp_path):
+    data = flat_dataset(tmp_path)
+    val = WholeImageDataset(data, "val", {"gt": tmp_path / "SegmentationClassAug"})
+    runner = Runner(run=str(tmp_path / "run"))
+    cm = evaluate(ColourOracle(), val, runner, 3, batch_size=2)
+    assert cm.miou() == 100.0 and cm.mat.sum() == 5 * 20 * 28
+    flipped = evaluate(ColourOracle(), val, runner, 3, flip=True, batch_size=3)
+    assert flipped.miou() == 100.0
+    # Sharded over two "ranks" whose counts are summed, as under DDP: still every pixel once.
+    shards = [evaluate(ColourOracle(), val, Runner(run="x", rank=r, world_size=2), 3) for r in (0, 1)]
+    assert sum(int(s.mat.sum()) for s in shards) == 5 * 20 * 28
+
+
+def tiny_spec(root, **overrides):
+    base = {
+        "name": "tiny",
+        "kind": "stage2",
+        "seed": 3,
+        "data": {
+            "root": str(root),
+            "num_classes": 3,
+            "crop_size": 48,
+            "loader_workers": 0,
+            "pseudo_label_dir": "SegmentationClassAug",  # ground truth as the external pseudo-label
+        },
+        "stage1": {"backbone": "resnet18", "output_stride": 8, "epochs": 1, "batch_size": 4, "lr": 0.05},
+        "stage2": {
+            "segmentor": "deeplabv3plus",
+            "backbone": "resnet18",
+            "epochs": 2,
+            "batch_size": 4,
+            "lr": 0.02,
+            "warmup_epochs": 1,
+        },
+    }
+    return load_spec(base, [f"{k}={v}" for k, v in overrides.items()])
+
+
+class Interrupt(RuntimeError):
+    pass
+
+
+@pytest.mark.slow
+def test_resume_after_an_interrupted_epoch_is_exact(tiny_synth, tmp_path):
+    spec = tiny_spec(tiny_synth)
+    straight = str(tmp_path / "straight")
+    run_pipeline(spec, straight, Runner(run=straight, progress=False), figures=False)
+
+    broken = str(tmp_path / "broken")
+
+    def die_in_epoch_2(stage, epoch, step):
+        if stage == "stage2" and epoch == 2:
+            raise Interrupt(f"killed at step {step}")
+
+    with pytest.raises(Interrupt):
+        run_pipeline(spec, broken, Runner(run=broken, progress=False, on_step=die_in_epoch_2), figures=False)
+    assert list_checkpoints(broken, "stage2") == ["stage2-epoch001.pt"]
+    logs = []
+    result = run_pipeline(spec, broken, Runner(run=broken, progress=False, log=logs.append), figures=False)
+    assert any("resuming" in line and "epoch 2" in line for line in logs)
+
+    epochs = [r["epoch"] for r in runs.read_jsonl(runs.join(broken, runs.METRICS)) if r["stage"] == "stage2"]
+    assert epochs == [1, 2]  # epoch 1 was not trained again
+    a = load_checkpoint(runs.local_path(runs.join(straight, "checkpoints/stage2-epoch002.pt")))
+    b = load_checkpoint(runs.local_path(runs.join(broken, "checkpoints/stage2-epoch002.pt")))
+    assert a["step"] == b["step"] == 4
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for (ka, sa), (kb, sb) in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].items(), strict=True):
+        assert ka == kb and torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert result["miou"] == pytest.approx(runs.read_json(runs.join(straight, runs.RESULT))["miou"])
+
+
+@pytest.mark.slow
+def test_a_finished_run_resumes_to_the_same_result(tiny_synth, tmp_path):
+    spec = tiny_spec(tiny_synth, **{"stage2.epochs": 1})
+    out = str(tmp_path / "run")
+    first = run_pipeline(spec, out, Runner(run=out, progress=False), figures=False)
+    logs = []
+    again = run_pipeline(spec, out, Runner(run=out, progress=False, log=logs.append), figures=False)
+    assert again["miou"] == first["miou"]
+    assert len([r for r in runs.read_jsonl(runs.join(out, runs.METRICS)) if r["stage"] == "stage2"]) == 1
+
+
+def test_dataset_problems_fail_before_training(tmp_path, tiny_synth):
+    root = tmp_path / "broken"
+    shutil.copytree(tiny_synth, root)
+    shutil.rmtree(root / "JPEGImages")
+    spec = tiny_spec(root)
+    with pytest.raises(ValueError, match="JPEGImages"):
+        run_pipeline(spec, str(tmp_path / "run"), figures=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -1,0 +1,97 @@
+"""Dataset layout: paths from a DataSpec, split lists, and the cheap check the API runs before queueing."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from cdsp_core.data.layout import VOC_CLASSES, DatasetError, Layout, check_layout, read_ids
+from cdsp_core.spec import DataSpec
+
+
+@pytest.fixture
+def synth(tiny_synth, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_synth, root)
+    return root
+
+
+def test_voc_classes():
+    assert len(VOC_CLASSES) == 21 and VOC_CLASSES[0] == "background" and VOC_CLASSES[12] == "dog"
+
+
+def test_layout_from_spec(tmp_path):
+    lay = Layout.from_spec(DataSpec(root=str(tmp_path), pseudo_label_dir="pl", num_classes=4))
+    assert lay.image("a") == tmp_path / "JPEGImages/a.jpg"
+    assert lay.scribble("a") == tmp_path / "pascal_2012_scribble/a.png"
+    assert lay.gt("a") == tmp_path / "SegmentationClassAug/a.png"
+    assert lay.pseudo("a") == tmp_path / "pl/a.png"
+    assert lay.train_list == tmp_path / "ImageSets/SegmentationAug/train.txt"
+    assert lay.num_classes == 4
+    absolute = Layout.from_spec(DataSpec(root=str(tmp_path), pseudo_label_dir="/elsewhere/pl"))
+    assert str(absolute.pseudo("a")) == "/elsewhere/pl/a.png"
+    with pytest.raises(DatasetError, match="pseudo_label_dir"):
+        Layout.from_spec(DataSpec(root=str(tmp_path))).pseudo("a")
+
+
+def test_read_ids(tmp_path):
+    path = tmp_path / "list.txt"
+    path.write_text("a\n\n  b  \n2007_000032 1\n")
+    assert read_ids(path) == ["a", "b", "2007_000032"]
+    with pytest.raises(DatasetError, match=r"list\.txt: split list is missing"):
+        read_ids(tmp_path / "nope" / "list.txt")
+    path.write_text("\n \n")
+    with pytest.raises(DatasetError, match=r"list\.txt: split list is empty"):
+        read_ids(path)
+    path.write_text("a\nb\na\nc\nb\n")
+    with pytest.raises(DatasetError, match=r"list\.txt: duplicate ids \['a', 'b'\]"):
+        read_ids(path)
+
+
+def test_generated_set_is_fine(tiny_synth):
+    assert check_layout(DataSpec(root=str(tiny_synth), num_classes=3)) == []
+
+
+def test_missing_root(tmp_path):
+    problems = check_layout(DataSpec(root=str(tmp_path / "nope")))
+    assert len(problems) == 1 and "data.root" in problems[0] and "nope" in problems[0]
+
+
+@pytest.mark.parametrize(
+    ("folder", "field"),
+    [
+        ("JPEGImages", "data.image_dir"),
+        ("pascal_2012_scribble", "data.scribble_dir"),
+        ("SegmentationClassAug", "data.gt_dir"),
+    ],
+)
+def test_missing_folder_is_named(synth, folder, field):
+    shutil.rmtree(synth / folder)
+    problems = check_layout(DataSpec(root=str(synth), num_classes=3))
+    assert len(problems) == 1
+    assert field in problems[0] and folder in problems[0] and "missing" in problems[0]
+
+
+def test_missing_list_and_files_are_named(synth):
+    (synth / "ImageSets/SegmentationAug/val.txt").unlink()
+    (synth / "pascal_2012_scribble/train_00001.png").unlink()
+    problems = check_layout(DataSpec(root=str(synth), num_classes=3))
+    assert len(problems) == 2
+    assert any("data.val_list" in p and "val.txt" in p and "missing" in p for p in problems)
+    assert any("data.train_list" in p and "train_00001.png" in p for p in problems)
+
+
+def test_missing_val_ground_truth_and_pseudo_folder(synth):
+    (synth / "SegmentationClassAug/val_00000.png").unlink()
+    data = DataSpec(root=str(synth), num_classes=3, pseudo_label_dir="pl")
+    problems = check_layout(data, need_pseudo=True)
+    assert any("data.val_list" in p and "val_00000.png" in p for p in problems)
+    assert any("data.pseudo_label_dir" in p and "pl" in p for p in problems)
+    assert not any("pseudo" in p for p in check_layout(data))  # not asked for
+
+
+def test_renamed_folders_follow_the_spec(synth):
+    (synth / "pascal_2012_scribble").rename(synth / "scribbles")
+    assert check_layout(DataSpec(root=str(synth), num_classes=3))
+    assert check_layout(DataSpec(root=str(synth), num_classes=3, scribble_dir="scribbles")) == []

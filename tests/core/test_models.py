@@ -1,0 +1,94 @@
+"""Models: every backbone x head (shape, no NaN, every parameter gets a gradient), CAMs, weights."""
+
+import pytest
+import torch
+import torchvision.models as tvm
+
+from cdsp_core.losses import lorm_loss
+from cdsp_core.models import BACKBONES, SEGMENTORS, build_backbone, build_classifier, build_segmentor
+from cdsp_core.models.backbones import imagenet_weights_path
+
+K = 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+@pytest.mark.parametrize("segmentor", SEGMENTORS)
+def test_every_backbone_and_head_trains(segmentor, backbone):
+    torch.manual_seed(0)
+    model = build_segmentor(segmentor, backbone, K, output_stride=8, lorm=True).train()
+    images = torch.randn(2, 3, 48, 48)
+    pseudo = torch.randint(0, K, (2, 48, 48))
+    out = model(images, pseudo)
+    stride = 8 if segmentor == "deeplabv2" else 4
+    assert out["logits"].shape == (2, K, 48 // stride, 48 // stride)
+    assert out["features"].shape[-2:] == (6, 6) and out["rectified"].shape == out["features"].shape
+    assert all(torch.isfinite(v).all() for v in out.values())
+    loss = out["logits"].square().mean() + lorm_loss(out["features"], out["rectified"])
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, f"parameters without a finite gradient: {missing[:5]}"
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("output_stride", [8, 16])
+def test_output_stride(backbone, output_stride):
+    trunk = build_backbone(backbone, output_stride).eval()
+    with torch.no_grad():
+        low, high = trunk(torch.randn(1, 3, 64, 64))
+    assert low.shape[-2:] == (16, 16)
+    assert high.shape[-2:] == (64 // output_stride, 64 // output_stride)
+    assert high.shape[1] == trunk.out_channels == (512 if backbone == "resnet18" else 2048)
+
+
+def test_inference_skips_lorm():
+    model = build_segmentor("deeplabv3plus", "resnet18", K).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 32, 32), torch.ones(1, 32, 32, dtype=torch.long))
+    assert set(out) == {"logits"}
+
+
+def test_cam_is_the_classifier_applied_per_position():
+    torch.manual_seed(1)
+    clf = build_classifier("resnet18", 4, output_stride=8).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        _, feats = clf.backbone(x)
+        raw = torch.einsum("kc,bchw->bkhw", clf.classifier.weight, feats)
+        torch.testing.assert_close(clf.cams(x), raw.clamp(min=0))
+        # GAP then linear == linear then GAP (Eq. 6 is the classifier read out per position).
+        torch.testing.assert_close(clf(x), raw.mean(dim=(2, 3)), rtol=1e-5, atol=1e-5)
+    assert clf.classifier.bias is None and clf.classifier.out_features == 3
+
+
+def test_weights_from_a_local_file(tmp_path):
+    ref = tvm.resnet18(weights=None)
+    path = tmp_path / "r18.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in ref.state_dict().items()}}, path)
+    trunk = build_backbone("resnet18", 8, str(path))
+    torch.testing.assert_close(trunk.layer4[1].conv2.weight, ref.layer4[1].conv2.weight)
+    torch.save(tvm.resnet34(weights=None).state_dict(), tmp_path / "r34.pth")
+    with pytest.raises(ValueError, match="do not fit"):
+        build_backbone("resnet18", 8, str(tmp_path / "r34.pth"))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        build_backbone("resnet18", 8, str(tmp_path / "missing.pth"))
+
+
+def test_imagenet_weights_come_from_the_torchvision_cache_never_a_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"resnet18-f37072fd\.pth"):
+        build_backbone("resnet18", 8, "imagenet")
+    expected = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    expected.parent.mkdir(parents=True)
+    ref = tvm.resnet18(weights=None)
+    torch.save(ref.state_dict(), expected)
+    assert imagenet_weights_path("resnet18") == expected
+    trunk = build_backbone("resnet18", 8, "imagenet")
+    torch.testing.assert_close(trunk.stem[0].weight, ref.conv1.weight)
+
+
+def test_unknown_names_list_the_valid_ones():
+    with pytest.raises(ValueError, match="resnet101"):
+        build_backbone("resnet99")
+    with pytest.raises(ValueError, match="deeplabv3plus"):
+        build_segmentor("unet", "resnet18", K)

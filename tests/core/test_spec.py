@@ -1,0 +1,427 @@
+"""ExperimentSpec: validation errors with field paths, dotted overrides, cross-field rules, search spaces."""
+
+from __future__ import annotations
+
+import typing
+
+import pytest
+from pydantic import BaseModel
+
+from cdsp_core.spec import (
+    LOSS_TERMS,
+    Domain,
+    ExperimentSpec,
+    SpecError,
+    grid_size,
+    load_spec,
+    parse_override,
+    spec_keys,
+    validate_spec,
+)
+
+# DESIGN section 7: the public dotted keys that users, scripts and the service rely on.
+DESIGN_KEYS = [
+    "data.root", "data.num_classes", "data.image_dir", "data.scribble_dir", "data.gt_dir",
+    "data.train_list", "data.val_list", "data.pseudo_label_dir", "data.shrink_ratio", "data.drop_ratio",
+    "data.crop_size",
+    "stage1.backbone", "stage1.epochs", "stage1.batch_size", "stage1.lr", "stage1.cam_threshold",
+    "stage2.segmentor", "stage2.backbone", "stage2.pretrained", "stage2.epochs", "stage2.batch_size",
+    "stage2.lr", "stage2.warmup_epochs", "stage2.lambda_s", "stage2.lambda_c",
+    *(f"stage2.losses.{t}" for t in ("segs", "segc", "ds", "dc", "lorm")),
+    *(f"stage2.loss_weights.{t}" for t in ("segs", "segc", "ds", "dc", "lorm")),
+    "stage2.lorm_mask", "stage2.amp",
+    "resources.num_workers", "resources.use_gpu", "resources.cpus_per_worker", "resources.max_failures",
+    "seed", "kind", "name",
+]  # fmt: skip
+
+SEARCH = {"kind": "search", "search": {"space": {"stage2.lambda_s": {"grid": [0, 1, 2]}}}}
+
+
+def errors_of(data) -> list[tuple[str, str]]:
+    with pytest.raises(SpecError) as info:
+        validate_spec(data)
+    return info.value.errors
+
+
+def paths_of(data) -> list[str]:
+    return [path for path, _ in errors_of(data)]
+
+
+# ---- defaults and field checks ------------------------------------------------------------------
+
+
+def test_defaults_validate_and_match_the_paper():
+    spec = validate_spec({})
+    assert spec == ExperimentSpec()
+    assert spec.kind == "pipeline" and spec.search is None
+    assert spec.data.num_classes == 21 and spec.data.crop_size == 465
+    assert (spec.stage2.lambda_s, spec.stage2.lambda_c) == (1.0, 6.0)
+    assert spec.stage2.lorm_mask == "query"
+    assert spec.stage2.label_smoothing == 0.1
+    assert all(getattr(spec.stage2.losses, t) for t in LOSS_TERMS)
+    assert all(getattr(spec.stage2.loss_weights, t) == 1.0 for t in LOSS_TERMS)
+
+
+@pytest.mark.parametrize(
+    ("data", "path"),
+    [
+        ({"stage2": {"foo": 1}}, "stage2.foo"),
+        ({"stage2": {"losses": {"bogus": True}}}, "stage2.losses.bogus"),
+        ({"extra_top": 1}, "extra_top"),
+        ({"data": {"root": "x", "num_clases": 3}}, "data.num_clases"),
+    ],
+)
+def test_extra_keys_are_rejected_with_their_path(data, path):
+    errors = errors_of(data)
+    assert [p for p, _ in errors] == [path]
+    assert "Extra inputs are not permitted" in errors[0][1]
+    assert path in str(SpecError(errors))
+
+
+@pytest.mark.parametrize(
+    ("data", "path", "choices"),
+    [
+        ({"stage2": {"segmentor": "unet"}}, "stage2.segmentor", ["deeplabv2", "deeplabv3plus"]),
+        ({"stage2": {"backbone": "vgg16"}}, "stage2.backbone", ["resnet18", "resnet34", "resnet50", "resnet101"]),
+        ({"stage2": {"lorm_mask": "both"}}, "stage2.lorm_mask", ["query", "key"]),
+        ({"kind": "train"}, "kind", ["pipeline", "stage1", "stage2", "search"]),
+    ],
+)
+def test_literal_choices_are_rejected_with_the_valid_choices(data, path, choices):
+    errors = errors_of(data)
+    assert [p for p, _ in errors] == [path]
+    for choice in choices:
+        assert repr(choice) in errors[0][1]
+
+
+@pytest.mark.parametrize(
+    ("data", "path"),
+    [
+        ({"data": {"num_classes": 1}}, "data.num_classes"),
+        ({"data": {"shrink_ratio": 1.5}}, "data.shrink_ratio"),
+        ({"data": {"drop_ratio": -0.1}}, "data.drop_ratio"),
+        ({"data": {"scale_range": [2.0, 1.0]}}, "data.scale_range"),
+        ({"stage2": {"lr": 0}}, "stage2.lr"),
+        ({"stage2": {"eval_scales": []}}, "stage2.eval_scales"),
+        ({"stage1": {"cam_scales": [1.0, -0.5]}}, "stage1.cam_scales"),
+        ({"name": "has space"}, "name"),
+        ({"resources": {"num_workers": 0}}, "resources.num_workers"),
+    ],
+)
+def test_out_of_range_values_name_their_field(data, path):
+    assert paths_of(data) == [path]
+
+
+def test_assignment_is_validated_too():
+    spec = ExperimentSpec()
+    with pytest.raises(ValueError, match="deeplabv2"):
+        spec.stage2.segmentor = "unet"
+
+
+# ---- cross-field rules ----------------------------------------------------------------------------
+
+
+def test_batch_size_must_divide_by_workers():
+    msg = str(SpecError(errors_of({"resources": {"num_workers": 3}})))
+    assert "stage1.batch_size=16" in msg and "num_workers=3" in msg
+    msg = str(SpecError(errors_of({"resources": {"num_workers": 4}, "stage2": {"batch_size": 6}})))
+    assert "stage2.batch_size=6" in msg
+    assert validate_spec({"resources": {"num_workers": 4}}).resources.num_workers == 4
+
+
+def test_kind_search_needs_a_space_and_other_kinds_refuse_one():
+    assert "search.space" in str(SpecError(errors_of({"kind": "search"})))
+    assert "search.space" in str(SpecError(errors_of({"kind": "search", "search": {"space": {}}})))
+    space = {"search": {"space": {"stage2.lambda_s": {"grid": [1]}}}}
+    assert "kind: search" in str(SpecError(errors_of(space)))
+    assert validate_spec(SEARCH).search.space["stage2.lambda_s"].values() == [0, 1, 2]
+
+
+def test_kind_stage2_needs_pseudo_labels_while_pseudo_terms_are_on():
+    msg = str(SpecError(errors_of({"kind": "stage2"})))
+    assert "data.pseudo_label_dir" in msg
+    for term in ("segc", "dc", "lorm"):
+        assert term in msg
+    off = {t: False for t in ("segc", "dc", "lorm")}
+    spec = validate_spec({"kind": "stage2", "stage2": {"losses": off}})
+    assert not spec.needs_pseudo_labels
+    # Only the terms still on are listed.
+    msg = str(SpecError(errors_of({"kind": "stage2", "stage2": {"losses": {"segc": False, "dc": False}}})))
+    assert "['lorm']" in msg
+    assert validate_spec({"kind": "stage2", "data": {"pseudo_label_dir": "/x"}}).needs_pseudo_labels
+
+
+def test_all_losses_off_is_rejected():
+    msg = str(SpecError(errors_of({"stage2": {"losses": dict.fromkeys(LOSS_TERMS, False)}})))
+    assert "stage2.losses" in msg
+    only_ds = {t: t == "ds" for t in LOSS_TERMS}
+    assert not validate_spec({"stage2": {"losses": only_ds}}).needs_pseudo_labels
+
+
+# ---- search spaces --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "domain",
+    [
+        {"grid": [1, 2]},
+        {"choice": ["deeplabv2", "deeplabv3plus"]},
+        {"uniform": [0.0, 3.0]},
+        {"loguniform": [1e-4, 1e-2]},
+        {"randint": [1, 5]},
+    ],
+)
+def test_each_domain_kind_is_accepted(domain):
+    spec = validate_spec({"kind": "search", "search": {"space": {"stage2.lambda_s": domain}}})
+    assert isinstance(spec.search.space["stage2.lambda_s"], Domain)
+
+
+@pytest.mark.parametrize(
+    ("domain", "words"),
+    [
+        ({}, ["exactly one", "none"]),
+        ({"grid": [1], "choice": [2]}, ["exactly one", "grid", "choice"]),
+        ({"grid": []}, ["at least one value"]),
+        ({"uniform": [2.0, 1.0]}, ["low < high"]),
+        ({"randint": [3, 3]}, ["low < high"]),
+        ({"loguniform": [0.0, 1.0]}, ["low > 0"]),
+    ],
+)
+def test_bad_domains_are_rejected_under_search_space(domain, words):
+    errors = errors_of({"kind": "search", "search": {"space": {"stage2.lambda_s": domain}}})
+    assert [p for p, _ in errors] == ["search.space.stage2.lambda_s"]
+    for word in words:
+        assert word in errors[0][1]
+
+
+@pytest.mark.parametrize(
+    ("key", "domain", "words"),
+    [
+        ("stage2.bogus", {"grid": [1]}, ["unknown key 'stage2.bogus'", "lambda_s"]),
+        ("stage2.losses", {"grid": [1]}, ["section"]),
+        ("name", {"grid": ["a"]}, ["cannot be searched"]),
+        ("search.num_samples", {"grid": [1]}, ["cannot be searched"]),
+        ("stage2.lambda_s", {"grid": [1], "steps": 3}, ["Extra inputs"]),
+    ],
+)
+def test_bad_space_keys_are_rejected_with_search_space_in_the_path(key, domain, words):
+    errors = errors_of({"kind": "search", "search": {"space": {key: domain}}})
+    assert len(errors) == 1 and errors[0][0].startswith("search.space")
+    for word in words:
+        assert word in errors[0][1]
+
+
+def test_domain_values_and_grid_size():
+    spec = validate_spec(
+        {
+            "kind": "search",
+            "search": {
+                "num_samples": 2,
+                "space": {
+                    "stage2.lambda_s": {"grid": [0, 1, 2]},
+                    "stage2.lambda_c": {"grid": [6, 7]},
+                    "data.shrink_ratio": {"uniform": [0.0, 0.5]},
+                },
+            },
+        }
+    )
+    assert grid_size(spec.search) == 3 * 2 * 2
+    with pytest.raises(ValueError, match="grid and choice"):
+        spec.search.space["data.shrink_ratio"].values()
+
+
+# ---- overrides ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("item", "key", "value"),
+    [
+        ("stage2.lambda_s=2", "stage2.lambda_s", 2),
+        ("stage2.amp=false", "stage2.amp", False),
+        ("stage2.eval_scales=[0.5, 1]", "stage2.eval_scales", [0.5, 1]),
+        ("data.pseudo_label_dir=null", "data.pseudo_label_dir", None),
+        ("data.pseudo_label_dir=", "data.pseudo_label_dir", None),
+        ("name= a=b ", "name", "a=b"),
+        (" seed = 3", "seed", 3),
+    ],
+)
+def test_parse_override_reads_yaml_values(item, key, value):
+    assert parse_override(item) == (key, value)
+
+
+def test_load_spec_applies_dotted_overrides(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text("name: base\nstage2:\n  lambda_s: 1.5\n")
+    spec = load_spec(
+        path,
+        [
+            "stage2.lambda_s=2",
+            "stage2.eval_scales=[0.75, 1.0, 1.25]",
+            "stage2.losses.lorm=false",
+            "stage2.loss_weights.ds=0.5",
+            "data.scale_range=[0.75, 1.5]",
+            "data.pseudo_label_dir=pl",
+            "resources.num_workers=2",
+            "kind=stage2",
+        ],
+    )
+    assert spec.name == "base"
+    assert spec.stage2.lambda_s == 2.0
+    assert spec.stage2.eval_scales == [0.75, 1.0, 1.25]
+    assert spec.stage2.losses.lorm is False and spec.stage2.losses.segs is True
+    assert spec.stage2.loss_weights.ds == 0.5
+    assert spec.data.scale_range == (0.75, 1.5)
+    assert spec.data.pseudo_label_dir == "pl"
+    assert (spec.kind, spec.resources.num_workers) == ("stage2", 2)
+    # Later overrides win; the file is not modified.
+    assert load_spec(path, ["seed=1", "seed=2"]).seed == 2
+    assert path.read_text() == "name: base\nstage2:\n  lambda_s: 1.5\n"
+
+
+def test_overrides_reach_the_search_section():
+    spec = load_spec(SEARCH, ["search.max_concurrent_trials=4", "search.mode=min"])
+    assert spec.search.max_concurrent_trials == 4 and spec.search.mode == "min"
+    spec = load_spec({}, ["kind=search", "search.space={stage2.lambda_c: {grid: [6, 7]}}"])
+    assert spec.search.space["stage2.lambda_c"].grid == [6, 7]
+
+
+def test_load_spec_from_a_mapping_does_not_modify_it():
+    data = {"stage2": {"lambda_s": 1.0}}
+    assert load_spec(data, ["stage2.lambda_s=3"]).stage2.lambda_s == 3.0
+    assert data == {"stage2": {"lambda_s": 1.0}}
+
+
+def test_unknown_override_key_names_the_key_and_the_valid_fields():
+    with pytest.raises(SpecError) as info:
+        load_spec({}, ["stage2.lambda_x=2"])
+    [(path, msg)] = info.value.errors
+    assert path == "stage2.lambda_x"
+    assert "'stage2.lambda_x'" in msg and "lambda_s" in msg and "lambda_c" in msg and "segmentor" in msg
+    with pytest.raises(SpecError, match=r"valid:.*'stage2'"):
+        load_spec({}, ["stagetwo.lambda_s=2"])
+
+
+def test_override_of_a_section_or_below_a_leaf_is_rejected():
+    with pytest.raises(SpecError, match="section"):
+        load_spec({}, ["stage2=1"])
+    with pytest.raises(SpecError, match="no field 'x'"):
+        load_spec({}, ["stage2.lambda_s.x=1"])
+
+
+@pytest.mark.parametrize("item", ["foo", "=3", "  =x"])
+def test_malformed_override_is_rejected(item):
+    with pytest.raises(SpecError, match="key=value"):
+        load_spec({}, [item])
+
+
+def test_override_below_a_non_mapping_value_is_a_spec_error(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text("stage2: 5\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(path, ["stage2.lambda_s=1"])
+    [(key, msg)] = info.value.errors
+    assert key == "stage2.lambda_s" and "stage2 is int 5, not a mapping" in msg
+
+
+def test_override_with_invalid_yaml_names_the_key():
+    with pytest.raises(SpecError) as info:
+        load_spec({}, ["stage2.eval_scales=[1"])
+    assert info.value.errors[0][0] == "stage2.eval_scales"
+    assert "not valid YAML" in info.value.errors[0][1]
+
+
+def test_override_values_are_validated():
+    with pytest.raises(SpecError) as info:
+        load_spec({}, ["stage2.segmentor=unet"])
+    assert info.value.errors[0][0] == "stage2.segmentor"
+
+
+def test_unreadable_file_non_mapping_and_bad_yaml(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(SpecError, match=r"cannot read spec file .*nope\.yaml"):
+        load_spec(missing)
+    with pytest.raises(SpecError, match="cannot read spec file"):
+        load_spec(tmp_path)  # a folder
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    with pytest.raises(SpecError, match=r"list\.yaml must hold a mapping, not list"):
+        load_spec(listing)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("stage2: [1\n")
+    with pytest.raises(SpecError, match=r"broken\.yaml is not valid YAML"):
+        load_spec(broken)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert load_spec(empty) == ExperimentSpec()
+
+
+def test_with_overrides_returns_a_new_validated_spec():
+    spec = ExperimentSpec()
+    new = spec.with_overrides({"stage2.lambda_s": 2.5, "data.shrink_ratio": 0.3, "stage2.losses.ds": False})
+    assert (new.stage2.lambda_s, new.data.shrink_ratio, new.stage2.losses.ds) == (2.5, 0.3, False)
+    assert spec == ExperimentSpec()  # unchanged
+    with pytest.raises(SpecError) as info:
+        spec.with_overrides({"data.shrink_ratio": 2})
+    assert info.value.errors[0][0] == "data.shrink_ratio"
+    with pytest.raises(SpecError) as info:
+        spec.with_overrides({"stage2.nope": 1})
+    assert info.value.errors[0][0] == "stage2.nope" and "lambda_s" in info.value.errors[0][1]
+    search = validate_spec(SEARCH).with_overrides({"search.num_samples": 3})
+    assert search.search.num_samples == 3
+
+
+# ---- keys, docs, round trip -------------------------------------------------------------------------
+
+
+def test_spec_keys_cover_design_section_7():
+    keys = spec_keys()
+    missing = [k for k in DESIGN_KEYS if k not in keys]
+    assert not missing
+    assert len(keys) == len(set(keys))
+    # Every listed key is a settable leaf.
+    for key in keys:
+        parse_key_ok = load_spec({}, [f"{key}={_yaml_of(ExperimentSpec(), key)}"])
+        assert isinstance(parse_key_ok, ExperimentSpec)
+
+
+def _yaml_of(spec: ExperimentSpec, key: str) -> str:
+    import json
+
+    node = spec.model_dump(mode="json")
+    for part in key.split("."):
+        node = node[part]
+    return json.dumps(node)  # JSON is YAML
+
+
+def _models(model: type[BaseModel], seen: set) -> list[type[BaseModel]]:
+    if model in seen:
+        return []
+    seen.add(model)
+    out = [model]
+    for field in model.model_fields.values():
+        stack = [field.annotation]
+        while stack:
+            ann = stack.pop()
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                out += _models(ann, seen)
+            stack.extend(typing.get_args(ann))
+    return out
+
+
+def test_every_field_of_every_section_has_a_description():
+    models = _models(ExperimentSpec, set())
+    names = {m.__name__ for m in models}
+    assert {"DataSpec", "Stage1Spec", "Stage2Spec", "LossSwitches", "LossWeights", "ResourcesSpec"} <= names
+    assert {"SearchSpec", "Domain"} <= names
+    undocumented = [f"{m.__name__}.{n}" for m in models for n, f in m.model_fields.items() if not f.description]
+    assert not undocumented
+
+
+def test_yaml_round_trip(tmp_path):
+    spec = load_spec(SEARCH, ["stage2.lambda_s=2", "data.pseudo_label_dir=/pl", "stage1.cam_scales=[1, 2]"])
+    path = tmp_path / "spec.yaml"
+    path.write_text(spec.to_yaml())
+    again = load_spec(path)
+    assert again == spec
+    assert again.to_yaml() == spec.to_yaml()
+    assert load_spec(tmp_path / "spec.yaml").search.space["stage2.lambda_s"].grid == [0, 1, 2]
