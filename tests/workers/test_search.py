@@ -1,0 +1,115 @@
+"""A 2x2 grid search over λs x λc on the session cluster: stage 1 once, four stage-2 trials on Tune."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cdsp_core import runs
+from tests.workers.helpers import last_line, run_entrypoint, tiny_spec
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(480)
+def test_grid_search_2x2(ray_cluster: Any, tiny_synth: Path, tmp_path: Path) -> None:
+    spec = tiny_spec(
+        tiny_synth, kind="search", stage2__epochs=1, resources__num_workers=1, search__max_concurrent_trials=2,
+        search__space={"stage2.lambda_s": {"grid": [0.0, 1.0]}, "stage2.lambda_c": {"grid": [2.0, 6.0]}},
+    )  # fmt: skip
+    path, out = tmp_path / "spec.yaml", tmp_path / "search"
+    path.write_text(spec.to_yaml())
+    start = time.perf_counter()
+    proc = run_entrypoint(["--spec", str(path), "--out", str(out), "--address", ray_cluster.address], timeout=440)
+    print(f"2x2 search (stage 1 + 4 trials, 2 at a time): {time.perf_counter() - start:.1f} s")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert last_line(proc.stdout).startswith("done: pseudo-label mIoU ")
+    result = json.loads((out / "result.json").read_text())
+
+    trials = json.loads((out / "trials.json").read_text())
+    assert len(trials) == 4
+    grid = {(t["params"]["stage2.lambda_s"], t["params"]["stage2.lambda_c"]) for t in trials}
+    assert grid == {(0.0, 2.0), (0.0, 6.0), (1.0, 2.0), (1.0, 6.0)}
+    for t in trials:
+        assert t["status"] == "finished" and isinstance(t["miou"], float)
+        assert (out / t["checkpoint"]).is_file()
+        trial_dir = out / "trials" / t["trial"]
+        trial_result = json.loads((trial_dir / "result.json").read_text())
+        assert trial_result["miou"] == t["miou"] and trial_result["params"] == t["params"]
+        trial_spec = (trial_dir / "spec.yaml").read_text()
+        assert f"lambda_s: {t['params']['stage2.lambda_s']}" in trial_spec
+        # The trial trained stage 2 only, on the search's pseudo-labels.
+        assert sorted(p.name for p in (trial_dir / "checkpoints").iterdir()) == ["stage2-epoch001.pt"]
+        assert not (trial_dir / "pseudo_labels").exists()
+
+    # Pseudo-labels once, in the search folder; every trial's epoch rows mirrored there with `trial`.
+    rows = runs.read_jsonl(str(out / runs.METRICS))
+    assert [r["stage"] for r in rows].count("stage1") == 1
+    assert (out / "pseudo_labels" / ".complete").is_file()
+    assert sorted(r["trial"] for r in rows if r["stage"] == "stage2") == sorted(t["trial"] for t in trials)
+
+    best = max(trials, key=lambda t: t["miou"])
+    saved = result
+    assert saved["miou"] == best["miou"] and saved["best_trial"] in {t["trial"] for t in trials}
+    assert saved["params"] == next(t["params"] for t in trials if t["trial"] == saved["best_trial"])
+    assert saved["checkpoint"].startswith(f"trials/{saved['best_trial']}/checkpoints/")
+    assert saved["pseudo_label_miou"] == rows[1]["pseudo_label_miou"]
+    assert {"lambda_heatmap.png", "trials.png"} <= {p.name for p in (out / "figures").iterdir()}
+
+
+def _entry(name: str, miou: float | None, status: str = "finished", **params: float) -> dict[str, Any]:
+    return {"trial": name, "params": params, "miou": miou, "status": status, "checkpoint": None}
+
+
+def test_trial_spec_is_a_stage2_run_of_the_search(tiny_synth: Path) -> None:
+    from workers.search import trial_spec
+
+    space = {"stage2.lambda_s": {"grid": [0.0, 1.0]}, "data.drop_ratio": {"uniform": [0.0, 0.5]}}
+    search = tiny_spec(tiny_synth, kind="search", search__space=space)
+    spec = trial_spec(search, {"stage2.lambda_s": 1.0, "data.drop_ratio": 0.25}, "trial_00002")
+    assert spec.kind == "pipeline" and spec.search is None and spec.name == "tiny-trial_00002"
+    assert spec.stage2.lambda_s == 1.0 and spec.data.drop_ratio == 0.25
+    assert spec.stage2.lambda_c == search.stage2.lambda_c
+
+
+def test_tune_domains() -> None:
+    from ray import tune
+
+    from cdsp_core.spec import Domain
+    from workers.search import tune_domain
+
+    assert tune_domain(Domain(grid=[1, 2])) == {"grid_search": [1, 2]}
+    assert isinstance(tune_domain(Domain(choice=["a", "b"])), tune.search.sample.Categorical)
+    uniform = tune_domain(Domain(uniform=(0.1, 0.4)))
+    assert isinstance(uniform, tune.search.sample.Float) and (uniform.lower, uniform.upper) == (0.1, 0.4)
+    assert isinstance(tune_domain(Domain(loguniform=(1e-3, 1e-1))).get_sampler(), tune.search.sample.LogUniform)
+    assert isinstance(tune_domain(Domain(randint=(1, 5))), tune.search.sample.Integer)
+
+
+def test_best_trial_skips_errors_and_unscored() -> None:
+    from workers.search import best_trial
+
+    entries = [_entry("a", 50.0), _entry("b", 70.0, "error"), _entry("c", None), _entry("d", 60.0, "stopped")]
+    assert best_trial(entries, "max")["trial"] == "d"
+    assert best_trial(entries, "min")["trial"] == "a"
+    assert best_trial([_entry("x", None)], "max") is None
+
+
+def test_search_figures(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from workers.search import search_figures
+
+    entries = [
+        _entry(f"t{i}", 40.0 + i, **{"stage2.lambda_s": ls, "stage2.lambda_c": lc, "data.shrink_ratio": r})
+        for i, (ls, lc, r) in enumerate([(0, 2, 0.0), (0, 6, 0.5), (1, 2, 0.0), (1, 6, 0.5)])
+    ]
+    entries.append(_entry("t4", None, "error", **{"stage2.lambda_s": 2, "stage2.lambda_c": 2, "data.shrink_ratio": 1}))
+    written = search_figures(str(tmp_path), entries)
+    assert written == ["lambda_heatmap.png", "ratios.png"]  # no trial curves without metrics rows
+    for name in written:
+        assert Image.open(tmp_path / "figures" / name).size[0] > 200

@@ -1,0 +1,302 @@
+"""Searches (`kind: search`): Ray Tune over dotted spec keys, one TorchTrainer per trial.
+
+Pseudo-labels are computed once (stage 1 on Ray, into the search folder, or external ones) and
+shared by every trial; each trial trains stage 2 into its own run folder `trials/<trial>/`. Tune
+runs a small function per trial that builds the trial's TorchTrainer with `TuneReportCallback`,
+so every epoch's metrics reach Tune (and ASHA, when `search.scheduler: asha`). The trial itself
+holds no CPU: its workers need them. The search folder gets `trials.json` (updated as trials end),
+`result.json` (the best trial), figures, and a `trial` tagged copy of every trial's epoch rows in
+its metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ray import tune
+from ray.tune.experiment import Trial
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+
+from cdsp_core import runs
+from cdsp_core.pipeline import prepare_run, runs_stage1, write_result
+from cdsp_core.runner import append_metrics, list_checkpoints
+from cdsp_core.spec import Domain, ExperimentSpec, validate_spec
+from workers.cluster import env_vars, job_env
+from workers.pipeline import Log, ensure_pseudo_labels, external_quality
+from workers.preflight import check_space, finished_result
+from workers.train import ray_storage, run_stage, stage2_worker, worker_spec
+
+TRIALS_DIR = "trials"
+ROW_KEYS = ("stage", "epoch", "epochs", "step", "lr", "loss", "miou", "epoch_seconds", "time")
+LAMBDAS = ("stage2.lambda_s", "stage2.lambda_c")
+RATIOS = ("data.shrink_ratio", "data.drop_ratio")
+TRIAL_MEMORY = 256 * 2**20  # bytes of Ray's logical "memory" resource held by each trial's process
+
+
+def tune_domain(domain: Domain) -> Any:
+    if domain.grid is not None:
+        return tune.grid_search(list(domain.grid))
+    if domain.choice is not None:
+        return tune.choice(list(domain.choice))
+    if domain.uniform is not None:
+        return tune.uniform(*domain.uniform)
+    if domain.loguniform is not None:
+        return tune.loguniform(*domain.loguniform)
+    assert domain.randint is not None
+    return tune.randint(*domain.randint)
+
+
+def trial_spec(base: ExperimentSpec, params: dict[str, Any], name: str) -> ExperimentSpec:
+    """The search spec as one stage-2 run with the trial's values (stage 1 comes from the search)."""
+    data = base.model_dump(mode="python")
+    data.update(kind="pipeline", search=None, name=f"{base.name}-{name}"[:100])
+    return validate_spec(data).with_overrides(params)
+
+
+def trial_name(trial: Trial) -> str:
+    """`trial_00003`: the trial's index in the search (stable when a search is resumed)."""
+    index = trial.trial_id.rsplit("_", 1)[-1]
+    return f"trial_{index}" if index.isdigit() else f"trial_{trial.trial_id}"
+
+
+def run_trial(
+    config: dict[str, Any],
+    base: dict[str, Any],
+    search_dir: str,
+    pseudo_from: str | None,
+    pseudo_miou: float | None,
+    env: dict[str, str],
+) -> None:
+    """One Tune trial: a stage-2 TorchTrainer into `trials/<trial>/`, reporting every epoch to Tune."""
+    os.environ.update(env)
+    name = tune.get_context().get_trial_name()
+    run = runs.join(search_dir, TRIALS_DIR, name)
+    spec = trial_spec(ExperimentSpec.model_validate(base), config, name)
+    done = finished_result(spec, run)
+    if done is not None:  # finished before the search was interrupted
+        tune.report({"stage": "stage2", "epoch": spec.stage2.epochs, "miou": done["miou"]})
+        return
+    start = time.perf_counter()
+    prepare_run(spec, run)
+    final = run_stage(
+        stage2_worker, "stage2", worker_spec(spec), run, pseudo_from=pseudo_from, callbacks=[TuneReportCallback()]
+    )
+    write_result(run, {
+        "name": spec.name, "kind": spec.kind, "miou": final["miou"],
+        "pseudo_label_miou": pseudo_miou, "per_class_iou": final["per_class_iou"],
+        "checkpoint": final["checkpoint"], "epochs": {"stage2": spec.stage2.epochs},
+        "duration_s": round(time.perf_counter() - start, 2), "trial": name, "params": config,
+    })  # fmt: skip
+
+
+# ---- what the search folder gets ----------------------------------------------------------
+
+
+def trial_status(trial: Trial, epochs: int) -> str:
+    if trial.status == Trial.ERROR:
+        return "error"
+    if trial.status == Trial.TERMINATED:
+        done = trial.last_result.get("epoch") == epochs and trial.last_result.get("stage") == "stage2"
+        return "finished" if done else "stopped"  # stopped early by ASHA
+    return trial.status.lower()
+
+
+def trial_error(trial: Trial) -> str | None:
+    """The last line of an errored trial's traceback (its "Type: message")."""
+    text = str(trial.get_error() or "")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1][:500] if lines else None
+
+
+def trial_entry(trial: Trial, search_dir: str, epochs: int) -> dict[str, Any]:
+    name = str(trial)
+    run = runs.join(search_dir, TRIALS_DIR, name)
+    saved = list_checkpoints(run, "stage2")
+    miou = trial.last_result.get("miou")
+    entry = {
+        "trial": name,
+        "params": dict(trial.config),
+        "miou": miou if isinstance(miou, int | float) and math.isfinite(miou) else None,
+        "status": trial_status(trial, epochs),
+        "epoch": trial.last_result.get("epoch"),
+        "checkpoint": f"{TRIALS_DIR}/{name}/{runs.CHECKPOINTS}/{saved[-1]}" if saved else None,
+    }
+    if entry["status"] == "error":
+        entry["error"] = trial_error(trial)
+    return entry
+
+
+def best_trial(entries: Sequence[dict[str, Any]], mode: str) -> dict[str, Any] | None:
+    scored = [e for e in entries if e["miou"] is not None and e["status"] in ("finished", "stopped")]
+    if not scored:
+        return None
+    pick = max if mode == "max" else min
+    return pick(scored, key=lambda e: e["miou"])
+
+
+class SearchRecorder(tune.Callback):
+    """Driver-side: mirrors every trial's epoch rows into the search's metrics.jsonl (tagged with
+    `trial`) and rewrites trials.json whenever a trial ends. One writer, so no concurrent appends."""
+
+    def __init__(self, search_dir: str, epochs: int):
+        self.search_dir = search_dir
+        self.epochs = epochs
+
+    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
+        row = {k: result[k] for k in result if k in ROW_KEYS or k.startswith("loss_")}
+        if row.get("stage") == "stage2":
+            append_metrics(self.search_dir, {**row, "trial": str(trial)})
+
+    def write(self, trials: list[Trial]) -> list[dict[str, Any]]:
+        entries = [trial_entry(t, self.search_dir, self.epochs) for t in trials]
+        runs.write_text(runs.join(self.search_dir, runs.TRIALS), _json(entries))
+        return entries
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self.write(trials)
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self.write(trials)
+
+    def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
+        self.write(trials)
+
+
+def _json(value: Any) -> str:
+    import json
+
+    return json.dumps(value, indent=2) + "\n"
+
+
+def search_figures(search_dir: str, entries: Sequence[dict[str, Any]]) -> list[str]:
+    """figures/lambda_heatmap.png (mIoU over λs x λc), figures/ratios.png (mIoU against shrink and
+    drop ratios) when those keys are searched, and figures/trials.png (every trial's mIoU curve)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="cdsp-fig-") as tmp:
+        return _search_figures(search_dir, entries, Path(tmp))
+
+
+def _search_figures(search_dir: str, entries: Sequence[dict[str, Any]], out: Path) -> list[str]:
+    from cdsp_core.figures import save_curves, save_heatmap
+
+    scored = [e for e in entries if e["miou"] is not None]
+    written: list[str] = []
+    if scored and all(k in scored[0]["params"] for k in LAMBDAS):
+        ls = sorted({e["params"][LAMBDAS[0]] for e in scored})
+        lc = sorted({e["params"][LAMBDAS[1]] for e in scored})
+        grid = np.full((len(ls), len(lc)), np.nan)
+        for i, a in enumerate(ls):
+            for j, b in enumerate(lc):
+                cell = [e["miou"] for e in scored if e["params"][LAMBDAS[0]] == a and e["params"][LAMBDAS[1]] == b]
+                grid[i, j] = np.mean(cell) if cell else np.nan
+        save_heatmap(grid, ls, lc, out / "lambda_heatmap.png", "λs", "λc", "validation mIoU (%)")
+        written.append("lambda_heatmap.png")
+    series: dict[str, tuple[Sequence[float], Sequence[float]]] = {}
+    for key in RATIOS:
+        if scored and key in scored[0]["params"]:
+            xs = sorted({e["params"][key] for e in scored})
+            ys = [float(np.mean([e["miou"] for e in scored if e["params"][key] == x])) for x in xs]
+            series[key.split(".")[1].replace("_", " ")] = (xs, ys)
+    if series:
+        save_curves(series, out / "ratios.png", "ratio", "validation mIoU (%)", "scribble shrink / drop")
+        written.append("ratios.png")
+    rows = [r for r in runs.read_jsonl(runs.join(search_dir, runs.METRICS)) if "trial" in r and "miou" in r]
+    curves: dict[str, tuple[Sequence[float], Sequence[float]]] = {}
+    for name in sorted({r["trial"] for r in rows}):
+        mine = [r for r in rows if r["trial"] == name]
+        curves[name] = ([r["epoch"] for r in mine], [r["miou"] for r in mine])
+    if curves:
+        save_curves(curves, out / "trials.png", "epoch", "validation mIoU (%)", "trials")
+        written.append("trials.png")
+    for name in written:
+        runs.upload(out / name, runs.join(search_dir, runs.FIGURES, name))
+    return written
+
+
+# ---- the driver ---------------------------------------------------------------------------
+
+
+def make_tuner(spec: ExperimentSpec, out: str, pseudo_from: str | None, pseudo_miou: float | None) -> tune.Tuner:
+    search = spec.search
+    assert search is not None
+    trainable = tune.with_parameters(
+        run_trial, base=worker_spec(spec).model_dump(mode="json"), search_dir=out, pseudo_from=pseudo_from,
+        pseudo_miou=pseudo_miou, env=job_env(),
+    )  # fmt: skip
+    # The trial process only builds and waits on its TorchTrainer: no CPU, so that its workers fit
+    # (Tune refuses an empty request; a little memory, which every node has, makes it non-empty).
+    trainable = tune.with_resources(trainable, {"CPU": 0, "memory": TRIAL_MEMORY})
+    storage_path, filesystem = ray_storage(out)
+    path = f"{storage_path.rstrip('/')}/tune"
+    if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
+        return tune.Tuner.restore(path, trainable, resume_errored=True, storage_filesystem=filesystem)
+    scheduler = None
+    if search.scheduler == "asha":
+        scheduler = ASHAScheduler(
+            time_attr="epoch",
+            max_t=spec.stage2.epochs,
+            grace_period=min(search.grace_period, spec.stage2.epochs),
+            # Trials that reach the last epoch end by themselves: stopping them at their last report
+            # would cut off their evaluation summary (result.json) and figures.
+            stop_last_trials=False,
+        )
+    return tune.Tuner(
+        trainable,
+        param_space={key: tune_domain(d) for key, d in search.space.items()},
+        tune_config=tune.TuneConfig(
+            metric=search.metric, mode=search.mode, num_samples=search.num_samples,
+            max_concurrent_trials=search.max_concurrent_trials, scheduler=scheduler,
+            trial_name_creator=trial_name, trial_dirname_creator=trial_name,
+        ),
+        run_config=tune.RunConfig(
+            name="tune", storage_path=storage_path, storage_filesystem=filesystem,
+            callbacks=[SearchRecorder(out, spec.stage2.epochs)],
+        ),
+    )  # fmt: skip
+
+
+def run_search(spec: ExperimentSpec, out: str, log: Log = print) -> dict[str, Any]:
+    """Run a `kind: search` experiment on the connected Ray cluster; returns the search's result.json."""
+    assert spec.kind == "search" and spec.search is not None
+    check_space(spec)
+    done = finished_result(spec, out)
+    if done is not None:
+        log(f"{out} already holds the finished search")
+        return done
+    start = time.perf_counter()
+    prepare_run(spec, out)
+    wspec = worker_spec(spec)
+    pseudo_from, pseudo_miou, epochs = None, None, {"stage2": spec.stage2.epochs}
+    if spec.data.pseudo_label_dir is not None:
+        pseudo_miou = external_quality(wspec, out)
+    elif runs_stage1(spec):
+        pseudo_miou = ensure_pseudo_labels(wspec, out, log, figures=False)
+        pseudo_from, epochs = out, {"stage1": spec.stage1.epochs, **epochs}
+    log(f"search: {spec.search.max_concurrent_trials} concurrent trial(s) over {sorted(spec.search.space)}")
+    tuner = make_tuner(spec, out, pseudo_from, pseudo_miou)
+    # Results without `miou` (epochs between evaluations, `stage2.eval_every`) are normal here.
+    with env_vars({"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}):
+        tuner.fit()
+    entries = runs.read_json(runs.join(out, runs.TRIALS)) or []  # written by SearchRecorder at the end
+    search_figures(out, entries)
+    best = best_trial(entries, spec.search.mode)
+    if best is None:
+        errors = [f"{e['trial']}: {e.get('error')}" for e in entries if e["status"] == "error"]
+        raise RuntimeError(f"no trial of the search finished ({len(entries)} trials); " + "; ".join(errors[:2]))
+    trial_result = runs.read_json(runs.join(out, TRIALS_DIR, best["trial"], runs.RESULT)) or {}
+    result = {
+        "name": spec.name, "kind": "search", "best_trial": best["trial"], "miou": best["miou"],
+        "params": best["params"], "checkpoint": best["checkpoint"], "pseudo_label_miou": pseudo_miou,
+        "per_class_iou": trial_result.get("per_class_iou"), "epochs": epochs,
+        "trials": len(entries), "duration_s": round(time.perf_counter() - start, 2),
+    }  # fmt: skip
+    write_result(out, result)
+    return result
