@@ -1,0 +1,14 @@
+"""The control plane: a FastAPI app over a persistent SQL job queue that dispatches Ray jobs.
+
+    main.py          create_app: settings, database, Ray (embedded head or CDSP_RAY_ADDRESS), loop
+    settings.py      the one Settings object (CDSP_* environment variables)
+    models.py, db.py, migrations/   tables, engines (SQLite WAL / PostgreSQL), Alembic
+    states.py, store.py             the state machine and every query and compare-and-set
+    dispatcher.py, reconciler.py, control.py   claim + submit, follow Ray and the run folder
+    ray_jobs.py, ray_head.py        the Ray Jobs API client, the embedded local head
+    routes/, schemas.py, views.py, errors.py, auth.py, observability.py   the REST API
+    client.py, commands.py, cli.py, demo.py   the `cdsp` client verbs, `serve` and `demo`
+
+It imports only `cdsp_core.spec`, `cdsp_core.runs` and `cdsp_core.data.layout` of the method
+(no torch), and never `workers`.
+"""

@@ -1,0 +1,195 @@
+"""The reconciler: follows Ray job status and the run folder into the database (issue item 6).
+
+Each pass looks at every dispatching or running experiment: its Ray job's status, and its run
+folder (metrics.jsonl, checkpoints/, trials.json, result.json). It holds no state of its own, so
+a restarted service simply carries on, and every write is idempotent or a compare-and-set, so
+several replicas may reconcile at once. When a job ends, its logs are copied to
+`{run}/logs/{submission_id}.log` before the final state is written, so they outlive the head.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from cdsp_core import runs
+from cdsp_core.spec import ExperimentSpec, SpecError, validate_spec
+from service import runfolder, store
+from service.models import Experiment, utcnow
+from service.ray_jobs import JobInfo, JobNotFound, RayError, RayJobs, RayUnavailable
+from service.settings import Settings
+from service.states import Status
+
+log = logging.getLogger(__name__)
+
+
+class Reconciler:
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], ray: RayJobs):
+        self.settings = settings
+        self.sessions = sessions
+        self.ray = ray
+        self.replica = settings.replica_id
+
+    def reconcile_once(self) -> int:
+        """One pass over the active experiments; stops early when Ray is unreachable.
+
+        Returns how many are still dispatching (submitted, not yet running), so that the loop can
+        look again sooner: that wait is most of the submit-to-running latency.
+        """
+        with self.sessions() as s:
+            active = store.active(s)
+        for exp in active:
+            try:
+                self._reconcile(exp)
+            except RayUnavailable as exc:
+                log.warning("reconciler: %s", exc)
+                return 0
+            except RayError as exc:  # Ray answered with an error about this job: try again next pass
+                log.warning("reconciler: %s: %s", exp.id, exc)
+        with self.sessions() as s:
+            return sum(e.status == Status.dispatching for e in store.active(s))
+
+    def _reconcile(self, exp: Experiment) -> None:
+        sid = exp.submission_id
+        if sid is None:  # every claim sets one (store.claim); nothing to follow without it
+            log.error("reconciler: %s is %s without a Ray submission id", exp.id, exp.status)
+            return
+        try:
+            job = self.ray.info(sid)
+        except JobNotFound:
+            self._missing(exp)
+            return
+        spec = self._spec(exp)
+        if spec is None:
+            return
+        if exp.cancel_requested and job.status in ("PENDING", "RUNNING"):
+            self._stop(sid)
+        if job.status in ("PENDING", "RUNNING"):
+            if exp.submitted_at is None:  # submitted by a replica that died before recording it
+                self._update(exp, submitted_at=utcnow())
+            if job.status == "RUNNING" and exp.status == Status.dispatching:
+                self._move(exp, Status.running, "Ray job running", started_at=_ts(job.start_time))
+            self.ingest(exp, spec)
+            return
+        self._finish(exp, spec, job)
+
+    def _spec(self, exp: Experiment) -> ExperimentSpec | None:
+        try:
+            return validate_spec(exp.spec)
+        except SpecError as exc:
+            self._move(exp, Status.failed, "invalid stored spec", error=f"the stored spec is no longer valid: {exc}")
+            return None
+
+    def _missing(self, exp: Experiment) -> None:
+        """Ray does not know the job: never submitted (requeue or cancel), or lost with a Ray head."""
+        if exp.submitted_at is None:
+            if not store.stale_claim(exp, utcnow(), self.settings.dispatch_grace):
+                return  # a dispatcher may be submitting it right now
+            if exp.cancel_requested:
+                self._move(exp, Status.cancelled, "cancelled before it reached Ray")
+            else:
+                self._move(
+                    exp,
+                    Status.queued,
+                    "claim never reached Ray; requeued",
+                    claimed_by=None,
+                    claimed_at=None,
+                    submission_id=None,
+                )
+            return
+        error = (
+            f"Ray job {exp.submission_id} is no longer known to the cluster at {self.ray.address} "
+            "(was the Ray head restarted?); retry resumes from the latest checkpoint"
+        )
+        self._move(exp, Status.cancelled if exp.cancel_requested else Status.failed, "Ray job lost", error=error)
+
+    def _finish(self, exp: Experiment, spec: ExperimentSpec, job: JobInfo) -> None:
+        """Copy the logs, read the run folder a last time, then record the final state."""
+        sid = exp.submission_id or exp.id
+        started = exp.status == Status.dispatching and job.start_time
+        if started and self._move(exp, Status.running, "Ray job running", started_at=_ts(job.start_time)):
+            exp.status = Status.running  # it ran between two passes: record that it did
+        logs = self._archive_logs(exp.run_dir, sid)
+        snap = self.ingest(exp, spec)
+        when = _ts(job.end_time) or utcnow()
+        if job.status == "SUCCEEDED":
+            if snap.result is None:
+                self._move(
+                    exp,
+                    Status.failed,
+                    "no result.json",
+                    finished_at=when,
+                    error="the job exited 0 but wrote no result.json to the run folder",
+                )
+                return
+            self._move(
+                exp,
+                Status.succeeded,
+                "Ray job succeeded",
+                finished_at=when,
+                result=snap.result,
+                epochs_done=runfolder.total_epochs(spec),
+            )
+        elif job.status == "STOPPED" and exp.cancel_requested:
+            self._move(exp, Status.cancelled, "cancelled", finished_at=when)
+        else:
+            error = runfolder.error_line(logs) or _summary(job)
+            if job.status == "STOPPED":
+                error = f"the Ray job was stopped outside the service: {error}"
+            self._move(exp, Status.failed, f"Ray job {job.status.lower()}", finished_at=when, error=error)
+
+    def _archive_logs(self, run_dir: str, sid: str) -> str:
+        try:
+            logs = self.ray.logs(sid)
+        except (JobNotFound, RayError) as exc:
+            log.warning("no logs for %s: %s", sid, exc)
+            return ""
+        try:
+            runs.write_text(runfolder.log_location(run_dir, sid), logs)
+        except Exception as exc:  # storage errors must not keep the experiment from finishing
+            log.warning("could not copy the logs of %s to %s: %s", sid, run_dir, exc)
+        return logs
+
+    def ingest(self, exp: Experiment, spec: ExperimentSpec) -> runfolder.Snapshot:
+        """Copy the run folder (metrics lines, progress, checkpoints, trials) into the row; idempotent."""
+        snap = runfolder.read(exp.run_dir, spec)
+        with self.sessions.begin() as s:
+            count = store.sync_metric_rows(s, exp.id, snap.rows, exp.metrics_count)
+            store.update_fields(
+                s,
+                exp.id,
+                metrics_count=count,
+                epochs_done=snap.epochs_done,
+                stage=snap.stage,
+                latest_metrics=snap.latest,
+                checkpoints=snap.checkpoints,
+                trials=snap.trials,
+            )
+        exp.metrics_count = count
+        return snap
+
+    def _stop(self, sid: str) -> None:
+        try:
+            self.ray.stop(sid)
+        except (JobNotFound, RayError) as exc:
+            log.warning("could not stop %s: %s", sid, exc)
+
+    def _move(self, exp: Experiment, to: Status, reason: str, **values: object) -> bool:
+        with self.sessions.begin() as s:
+            return store.transition(s, exp.id, to, reason, self.replica, expect=[Status(exp.status)], **values)
+
+    def _update(self, exp: Experiment, **values: object) -> None:
+        with self.sessions.begin() as s:
+            store.update_fields(s, exp.id, **values)
+
+
+def _ts(unix: float | None) -> datetime | None:
+    return datetime.fromtimestamp(unix, UTC) if unix else None
+
+
+def _summary(job: JobInfo) -> str:
+    """Ray's message without the log tail it appends (the logs are archived separately)."""
+    first = job.message.split(", last available logs")[0].strip() if job.message else ""
+    return first or f"the Ray job ended {job.status}"

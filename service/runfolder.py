@@ -1,0 +1,148 @@
+"""Reading a run folder (cdsp_core.runs contract) into what the database keeps about an experiment.
+
+Works on local paths and storage URIs alike through `cdsp_core.runs`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from cdsp_core import runs
+from cdsp_core.spec import ExperimentSpec, grid_size
+
+# Names the download routes accept: one plain file name, never a path.
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+_CKPT = re.compile(r"^(?P<stage>[a-z0-9_]+)-epoch(?P<epoch>\d+)\.pt$")
+
+
+def runs_stage1(spec: ExperimentSpec) -> bool:
+    """Whether the job trains stage 1: the rule of `cdsp_core.pipeline.runs_stage1`.
+
+    Restated here because that module imports torch, which the control plane must not need;
+    tests/service/test_runfolder.py checks that the two agree.
+    """
+    if spec.data.pseudo_label_dir is not None:
+        return False
+    return spec.kind == "stage1" or (spec.kind in ("pipeline", "search") and spec.needs_pseudo_labels)
+
+
+def total_epochs(spec: ExperimentSpec) -> int:
+    """Epochs of every stage the spec runs; a search counts stage 2 once per trial."""
+    total = spec.stage1.epochs if runs_stage1(spec) else 0
+    if spec.kind in ("pipeline", "stage2"):
+        total += spec.stage2.epochs
+    elif spec.kind == "search" and spec.search is not None:
+        total += spec.stage2.epochs * grid_size(spec.search)
+    return total
+
+
+def epochs_done(spec: ExperimentSpec, rows: list[dict[str, Any]]) -> tuple[int, str | None]:
+    """Completed epochs (the highest epoch per stage, per trial for searches) and the current stage."""
+    best: dict[tuple[Any, str], int] = {}
+    stage = None
+    for row in rows:
+        st, ep = row.get("stage"), row.get("epoch")
+        if isinstance(st, str):
+            stage = st
+        if st not in ("stage1", "stage2") or not isinstance(ep, int):
+            continue
+        key = (row.get("trial"), st)
+        best[key] = max(best.get(key, 0), ep)
+    done = sum(best.values())
+    return min(done, total_epochs(spec)), stage
+
+
+@dataclass
+class Snapshot:
+    """What the reconciler copies from a run folder into the experiment row."""
+
+    rows: list[dict[str, Any]]
+    epochs_done: int
+    stage: str | None
+    latest: dict[str, Any] | None
+    checkpoints: list[dict[str, Any]]
+    trials: list[dict[str, Any]] | None
+    result: dict[str, Any] | None
+    errors: list[str] = field(default_factory=list)
+
+
+def read(run_dir: str, spec: ExperimentSpec) -> Snapshot:
+    """Read metrics.jsonl, checkpoints/, trials.json and result.json (missing files are fine)."""
+    errors: list[str] = []
+    rows = [r for r in runs.read_jsonl(runs.join(run_dir, runs.METRICS)) if isinstance(r, dict)]
+    done, stage = epochs_done(spec, rows)
+    trials = _json(run_dir, runs.TRIALS, list, errors)
+    result = _json(run_dir, runs.RESULT, dict, errors)
+    return Snapshot(rows, done, stage, latest_metrics(rows), checkpoints(run_dir), trials, result, errors)
+
+
+def _json(run_dir: str, name: str, kind: type, errors: list[str]) -> Any:
+    try:
+        value = runs.read_json(runs.join(run_dir, name))
+    except ValueError as exc:  # being written, or corrupt: try again next pass
+        errors.append(f"{name}: {exc}")
+        return None
+    return value if isinstance(value, kind) else None
+
+
+def latest_metrics(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The last row, plus the last evaluated mIoU when that row has none."""
+    if not rows:
+        return None
+    latest = dict(rows[-1])
+    if "miou" not in latest:
+        evaluated = [r for r in rows if isinstance(r.get("miou"), int | float)]
+        if evaluated:
+            latest["last_miou"] = evaluated[-1]["miou"]
+    return latest
+
+
+def checkpoints(run_dir: str) -> list[dict[str, Any]]:
+    """`checkpoints/*.pt` with size, stage and epoch (parsed from `stage2-epoch008.pt`)."""
+    folder = runs.join(run_dir, runs.CHECKPOINTS)
+    found = []
+    for name in runs.listdir(folder):
+        if not name.endswith(".pt") or not SAFE_NAME.match(name):
+            continue
+        try:
+            size = runs.size(runs.join(folder, name))
+        except FileNotFoundError:  # deleted by keep_checkpoints rotation between list and stat
+            continue
+        m = _CKPT.match(name)
+        found.append(
+            {
+                "name": name,
+                "size": size,
+                "stage": m["stage"] if m else None,
+                "epoch": int(m["epoch"]) if m else None,
+            }
+        )
+    return found
+
+
+def figures(run_dir: str) -> list[str]:
+    return [n for n in runs.listdir(runs.join(run_dir, runs.FIGURES)) if n.endswith(".png") and SAFE_NAME.match(n)]
+
+
+def sha256(location: str) -> str:
+    digest = hashlib.sha256()
+    for block in runs.iter_chunks(location):
+        digest.update(block)
+    return digest.hexdigest()
+
+
+def error_line(logs: str) -> str | None:
+    """The worker's one-line reason: the last line starting with `error: ` (contract of workers.run)."""
+    for line in reversed(logs.splitlines()):
+        stripped = line.strip()
+        if stripped.startswith("error: "):
+            return stripped[len("error: ") :].strip()[:2000] or None
+    return None
+
+
+def log_location(run_dir: str, submission_id: str) -> str:
+    """Where a finished job's logs are kept, one file per attempt: `logs/{submission_id}.log`."""
+    return runs.join(run_dir, runs.LOGS, f"{submission_id}.log")

@@ -1,0 +1,154 @@
+"""Fixtures of the service tests: databases (SQLite file, PostgreSQL schema), one shared Ray head,
+the scripted job, apps and uvicorn servers on loopback.
+
+PostgreSQL: database `test` on 127.0.0.1:5432, user postgres (or root), trust auth; each test gets
+its own schema, dropped afterwards, since other processes share the database.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from sqlalchemy import create_engine, text
+
+from service.ray_head import EmbeddedHead
+from service.settings import Settings
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTED_JOB = Path(__file__).parent / "jobs" / "scripted_run.py"
+SCRIPTED_ENTRYPOINT = f"{sys.executable} {SCRIPTED_JOB} --spec {{spec}} --out {{out}}"
+TOKEN = "test-token-" + "x" * 20
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+UNREACHABLE_RAY = "http://127.0.0.1:9"  # discard port: nothing listens there
+
+
+def _pg_admin_url() -> str | None:
+    for user in ("postgres", "root"):
+        url = f"postgresql+psycopg://{user}@127.0.0.1:5432/test"
+        try:
+            engine = create_engine(url, connect_args={"connect_timeout": 3})
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            engine.dispose()
+            return url
+        except Exception:
+            continue
+    return None
+
+
+@pytest.fixture(scope="session")
+def pg_admin() -> str:
+    url = _pg_admin_url()
+    if url is None:
+        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432 (database test, user postgres or root)")
+    return url
+
+
+@pytest.fixture
+def pg_url(pg_admin: str) -> Iterator[str]:
+    """A fresh schema of the shared `test` database, as a URL whose search_path points at it."""
+    schema = f"cdsp_test_{os.getpid()}_{secrets.token_hex(4)}"
+    admin = create_engine(pg_admin, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield f"{pg_admin}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'queue.db'}"
+    return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "data_dir": tmp_path / "cdsp-data",
+            "database_url": f"sqlite:///{tmp_path / 'queue.db'}",
+            "storage": str(tmp_path / "artifacts"),
+            "ray_address": UNREACHABLE_RAY,
+            "api_tokens": [TOKEN],
+            "poll_interval": 0.2,
+            "job_entrypoint": SCRIPTED_ENTRYPOINT,
+            "background": False,
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return make
+
+
+@pytest.fixture
+def demo_spec() -> dict[str, Any]:
+    """configs/synthetic-demo.yaml as a mapping (a complete, valid spec)."""
+    spec: dict[str, Any] = yaml.safe_load((REPO / "configs" / "synthetic-demo.yaml").read_text())
+    return spec
+
+
+def small_spec(name: str = "scripted", kind: str = "pipeline", epochs: int = 2, **data: Any) -> dict[str, Any]:
+    """A valid spec for the scripted job: `epochs` per stage, a dataset root the service cannot see."""
+    spec: dict[str, Any] = {
+        "name": name,
+        "kind": kind,
+        "data": {"root": "/nonexistent/cluster-only/dataset", "num_classes": 3, "crop_size": 64, **data},
+        "stage1": {"backbone": "resnet18", "epochs": epochs, "batch_size": 4},
+        "stage2": {"backbone": "resnet18", "epochs": epochs, "batch_size": 4},
+    }
+    if kind == "search":
+        spec["search"] = {"space": {"stage2.lambda_s": {"grid": [0.0, 1.0, 2.0]}}}
+    return spec
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedHead]:
+    """One local Ray head for every service test that needs Ray, started the way the service does.
+
+    Ports are chosen explicitly (Redis owns 6379 here), token auth is on, and the head is stopped
+    by pid at the end of the session (never `ray stop`).
+    """
+    head = EmbeddedHead(tmp_path_factory.mktemp("ray-head"), num_cpus=2, cwd=REPO)
+    head.start(timeout=120)
+    try:
+        yield head
+    finally:
+        head.stop()
+
+
+@pytest.fixture
+def ray_settings(ray_head: EmbeddedHead, make_settings: Callable[..., Settings]) -> Callable[..., Settings]:
+    """Settings pointing at the shared Ray head, running the scripted job, with the loop on."""
+    info = ray_head.info
+    assert info is not None
+
+    def make(**overrides: Any) -> Settings:
+        values = {"ray_address": info.dashboard_url, "ray_token": info.token, "background": True, **overrides}
+        return make_settings(**values)
+
+    return make
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+    """Poll `predicate` until it returns something truthy; fail the test with `what` on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)

@@ -1,0 +1,88 @@
+"""Reading run folders: progress over the stages a spec runs, checkpoints, the worker's error line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cdsp_core.spec import validate_spec
+from service import runfolder
+from service.dispatcher import entrypoint
+from tests.service.conftest import small_spec
+
+
+@pytest.mark.parametrize(
+    "kind, extra, total",
+    [
+        ("pipeline", {}, 3 + 4),
+        ("stage1", {}, 3),
+        ("stage2", {"pseudo_label_dir": "pseudo"}, 4),
+        ("pipeline", {"pseudo_label_dir": "pseudo"}, 4),  # external pseudo-labels: no stage 1
+        ("search", {}, 3 + 4 * 3),  # stage 1 once, shared; 3 grid points of stage 2
+    ],
+)
+def test_total_epochs_counts_the_stages_the_spec_runs(kind: str, extra: dict[str, str], total: int) -> None:
+    raw = small_spec(kind=kind, **extra)
+    raw["stage1"]["epochs"], raw["stage2"]["epochs"] = 3, 4
+    assert runfolder.total_epochs(validate_spec(raw)) == total
+
+
+def test_stage1_rule_agrees_with_the_pipeline() -> None:
+    from cdsp_core.pipeline import runs_stage1  # imports torch: fine in a test, not in the service
+
+    scribble_only = {"segc": False, "dc": False, "lorm": False}
+    for kind in ("pipeline", "stage1", "stage2", "search"):
+        for extra, losses in (({}, {}), ({"pseudo_label_dir": "p"}, {}), ({}, scribble_only)):
+            raw = small_spec(kind=kind, **extra)
+            raw["stage2"]["losses"] = losses
+            if kind == "stage2" and not extra and not losses:
+                continue  # invalid: stage 2 alone needs pseudo-labels for those losses
+            spec = validate_spec(raw)
+            assert runfolder.runs_stage1(spec) == runs_stage1(spec), (kind, extra, losses)
+
+
+def test_epochs_done_takes_the_highest_epoch_per_stage_and_trial() -> None:
+    spec = validate_spec(small_spec(kind="search", epochs=2))  # 2 + 2 * 3 epochs
+    rows = [
+        {"stage": "stage1", "epoch": 1}, {"stage": "stage1", "epoch": 2},
+        {"stage": "pseudo_labels", "miou": 60.0},
+        {"stage": "stage2", "epoch": 1, "trial": "a"}, {"stage": "stage2", "epoch": 2, "trial": "a"},
+        {"stage": "stage2", "epoch": 1, "trial": "b"},
+    ]  # fmt: skip
+    assert runfolder.epochs_done(spec, rows) == (2 + 2 + 1, "stage2")
+    assert runfolder.epochs_done(spec, []) == (0, None)
+
+
+def test_read_a_run_folder(tmp_path: Path) -> None:
+    spec = validate_spec(small_spec(epochs=1))
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "stage1-epoch001.pt").write_bytes(b"x" * 10)
+    (tmp_path / "checkpoints" / "notes.txt").write_text("not a checkpoint")
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"y")
+    lines = [{"stage": "stage1", "epoch": 1, "loss": 0.5}, {"stage": "stage2", "epoch": 1, "miou": 50.0},
+             {"stage": "stage2", "epoch": 1, "loss": 0.2}]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"stage": "sta')
+    (tmp_path / "result.json").write_text('{"miou": 5')  # being written
+    snap = runfolder.read(str(tmp_path), spec)
+    assert len(snap.rows) == 3  # the torn last line is left for the next pass
+    assert snap.epochs_done == 2 and snap.stage == "stage2"
+    assert snap.latest == {"stage": "stage2", "epoch": 1, "loss": 0.2, "last_miou": 50.0}
+    assert snap.checkpoints == [
+        {"name": "last.pt", "size": 1, "stage": None, "epoch": None},
+        {"name": "stage1-epoch001.pt", "size": 10, "stage": "stage1", "epoch": 1},
+    ]
+    assert snap.result is None and snap.errors and snap.errors[0].startswith("result.json")
+
+
+def test_error_line_is_the_last_error_prefixed_line() -> None:
+    logs = "starting\nerror: first\nTraceback...\nerror: dataset problems: data.root /x is not a directory\n"
+    assert runfolder.error_line(logs) == "dataset problems: data.root /x is not a directory"
+    assert runfolder.error_line("all fine\n") is None
+
+
+def test_entrypoint_quotes_the_run_locations() -> None:
+    cmd = entrypoint("python -m workers.run --spec {spec} --out {out}", "/data/my runs/exp-1")
+    assert cmd == "python -m workers.run --spec '/data/my runs/exp-1/spec.yaml' --out '/data/my runs/exp-1'"
+    assert entrypoint("wrap {out}", "s3://b/runs/exp-1") == "wrap s3://b/runs/exp-1"
