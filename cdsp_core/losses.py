@@ -102,6 +102,8 @@ def cdsp_loss(
     """
     terms: dict[str, torch.Tensor] = {}
     active = cfg.active()
+    # Upsample once for every pixel-level term (each would do the very same interpolation).
+    logits = _upsample(logits, tuple(scribble.shape[-2:]))
     if "segs" in active:
         terms["segs"] = partial_ce(logits, scribble)
     if "segc" in active:
