@@ -78,7 +78,7 @@ def run_order(row: Row) -> int:
         return 0  # full supervision, scribble only
     if row.label == "CDSP (all)" and row.group == "table2-external":
         return 1
-    order = {"table3": 2, "table2-external": 3, "shrink": 4, "drop": 4, "table2-stage1": 5}
+    order = {"table2-external": 2, "shrink": 3, "drop": 3, "table2-stage1": 4, "table3": 5}
     return order.get(row.group, 6)
 
 
