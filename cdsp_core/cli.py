@@ -177,9 +177,10 @@ def run(
         str | None,
         typer.Option(
             "--ray",
-            # A value is required: Typer has no options with an optional value (flag_value is ignored).
-            help="Run through Ray (Train DDP, Tune): `--ray local` starts a local cluster, `--ray ADDRESS` "
-            "(host:port, or `auto` inside a cluster) joins one.",
+            # Typer has no options with an optional value: the `cdsp` script turns a bare --ray
+            # (last, or followed by another option) into `--ray local` (service.cli.main).
+            help="Run through Ray (Train DDP, Tune): `--ray` alone or `--ray local` starts a local cluster, "
+            "`--ray ADDRESS` (host:port, or `auto` inside a cluster) joins one.",
         ),
     ] = None,
     progress: Annotated[bool, typer.Option(help="Progress bars (the line per epoch is always printed).")] = True,

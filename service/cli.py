@@ -39,3 +39,23 @@ def demo(
 
 
 __all__ = ["app"]
+
+
+def bare_ray_means_local(argv: list[str]) -> list[str]:
+    """`--ray` with no value (last, or followed by another option) means `--ray local`.
+
+    Typer has no options with an optional value, so the console script fills it in.
+    """
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        if arg == "--ray" and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+            out.append("local")
+    return out
+
+
+def main() -> None:
+    """The `cdsp` console script."""
+    import sys
+
+    app(args=bare_ray_means_local(sys.argv[1:]), prog_name="cdsp")
