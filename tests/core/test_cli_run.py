@@ -1,0 +1,88 @@
+"""`cdsp run` then `cdsp predict` on a tiny dataset: every artifact of the run folder, and masks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from cdsp_core import cli, runs
+from cdsp_core.figures import colourize
+from service.cli import app
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture
+def invoke(monkeypatch):
+    for console in (cli.console, cli.err):
+        monkeypatch.setattr(console, "_width", 1000)
+
+    def run(*args: object):
+        return CliRunner().invoke(app, [str(a) for a in args])
+
+    return run
+
+
+def test_run_writes_every_artifact_and_predict_writes_masks(invoke, tiny_synth: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    overrides = [
+        f"data.root={tiny_synth}", "data.num_classes=3", "data.loader_workers=0",
+        "stage1.epochs=1", "stage1.batch_size=4", "stage1.cam_scales=[1.0]",
+        "stage2.epochs=2", "stage2.batch_size=4", "stage2.eval_every=1",
+    ]  # fmt: skip
+    sets = [a for o in overrides for a in ("--set", o)]
+    result = invoke("run", REPO / "configs" / "synthetic-demo.yaml", *sets, "--out", out, "--no-progress")
+    assert result.exit_code == 0, result.output
+
+    # The printed summary and result.json agree.
+    saved = json.loads((out / runs.RESULT).read_text())
+    assert 0.0 <= saved["miou"] <= 100.0 and 0.0 <= saved["pseudo_label_miou"] <= 100.0
+    assert f"{saved['miou']:.2f}" in result.output
+    assert len(saved["per_class_iou"]) == 3
+    assert saved["epochs"] == {"stage1": 1, "stage2": 2}
+    assert saved["checkpoint"] == "checkpoints/stage2-epoch002.pt"
+
+    # spec.yaml is the resolved spec; metrics.jsonl has one row per epoch of each stage.
+    spec = yaml.safe_load((out / runs.SPEC).read_text())
+    assert spec["data"]["root"] == str(tiny_synth) and spec["stage2"]["epochs"] == 2
+    rows = [json.loads(line) for line in (out / runs.METRICS).read_text().splitlines()]
+    epochs = [(r["stage"], r["epoch"]) for r in rows if "epoch" in r]
+    assert ("stage1", 1) in epochs and ("stage2", 1) in epochs and ("stage2", 2) in epochs
+    assert all("miou" in r for r in rows if r.get("stage") == "stage2" and "epoch" in r)
+
+    # One pseudo-label per training image, valid labels, the size of its image.
+    ids = (tiny_synth / "ImageSets/SegmentationAug/train.txt").read_text().split()
+    for sample_id in ids:
+        label = cv2.imread(str(out / runs.PSEUDO_LABELS / f"{sample_id}.png"), cv2.IMREAD_UNCHANGED)
+        assert label is not None and label.shape == (64, 64)
+        assert set(np.unique(label)) <= {0, 1, 2, 255}
+
+    assert (out / runs.CHECKPOINTS / "stage2-epoch002.pt").is_file()
+    figures = {p.name for p in (out / runs.FIGURES).iterdir()}
+    assert {"samples.png", "miou.png"} <= figures
+    grid = cv2.imread(str(out / runs.FIGURES / "samples.png"))
+    assert grid is not None and grid.shape[1] > grid.shape[0]  # six columns of panels
+
+    # predict: one colour mask per image, in the VOC palette, plus the raw labels on request.
+    image = tiny_synth / "JPEGImages" / f"{ids[0]}.jpg"
+    masks = tmp_path / "masks"
+    result = invoke("predict", out / saved["checkpoint"], image, "--out", masks, "--raw")
+    assert result.exit_code == 0, result.output
+    colour = cv2.cvtColor(cv2.imread(str(masks / f"{ids[0]}.png")), cv2.COLOR_BGR2RGB)
+    raw = cv2.imread(str(masks / f"{ids[0]}_label.png"), cv2.IMREAD_UNCHANGED)
+    assert raw.shape == colour.shape[:2] == (64, 64)
+    assert set(np.unique(raw)) <= {0, 1, 2}
+    assert np.array_equal(colour, colourize(raw))
+
+
+def test_predict_names_a_missing_checkpoint(invoke, tmp_path: Path) -> None:
+    result = invoke("predict", tmp_path / "nope.pt", tmp_path / "x.jpg", "--out", tmp_path / "m")
+    assert result.exit_code != 0
+    assert "nope.pt" in result.output
