@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -38,9 +39,6 @@ def demo(
     raise typer.Exit(run_demo(config, data_dir, set_ or [], timeout))
 
 
-__all__ = ["app"]
-
-
 def bare_ray_means_local(argv: list[str]) -> list[str]:
     """`--ray` with no value (last, or followed by another option) means `--ray local`.
 
@@ -56,6 +54,7 @@ def bare_ray_means_local(argv: list[str]) -> list[str]:
 
 def main() -> None:
     """The `cdsp` console script."""
-    import sys
-
     app(args=bare_ray_means_local(sys.argv[1:]), prog_name="cdsp")
+
+
+__all__ = ["app", "bare_ray_means_local", "main"]

@@ -66,6 +66,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             if ctx.loop is not None:
                 ctx.loop.stop()
+            if ctx.ray_jobs is not None:
+                ctx.ray_jobs.close()
             if ctx.head is not None:
                 ctx.head.stop()
             ctx.engine.dispose()

@@ -66,6 +66,10 @@ class RayJobs:
         # context (~20 ms of CPU under the GIL), which showed up as API tail latency.
         self._http = httpx.Client(headers=self.headers)
 
+    def close(self) -> None:
+        """Release the ping client's connections (the SDK client keeps none open)."""
+        self._http.close()
+
     # ---- connection --------------------------------------------------------------------
     def ping(self, timeout: float = 3.0) -> str | None:
         """None when the dashboard answers with our token, else why not."""
