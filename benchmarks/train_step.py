@@ -89,32 +89,27 @@ def build(impl: str, args: argparse.Namespace, device: torch.device) -> torch.nn
     return model.to(memory_format=torch.channels_last)
 
 
+def forward_loss(
+    impl: str, model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device
+) -> torch.Tensor:
+    """The step's forward pass and loss, as each implementation computes them."""
+    official = impl == "official"
+    images = batch["image"] if official else batch["image"].contiguous(memory_format=torch.channels_last)
+    amp = not official and device.type == "cuda"  # as the engine: bf16 autocast on CUDA, off on CPU
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        out = model(images, batch["pseudo"])
+        terms = (out["logits"], batch["scribble"], batch["pseudo"], batch["dist_s"], batch["dist_c"],
+                 out["features"], out["rectified"])  # fmt: skip
+        return official_loss(LossConfig(), *terms) if official else cdsp_loss(LossConfig(), *terms)[0]
+
+
 def make_step(impl: str, model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device):
     """A closure doing one SGD step; returns the loss tensor (not synchronised)."""
-    cfg = LossConfig()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
-    images = batch["image"]
-    if impl == "official":
-
-        def step() -> torch.Tensor:
-            out = model(images, batch["pseudo"])
-            loss = official_loss(cfg, out["logits"], batch["scribble"], batch["pseudo"], batch["dist_s"],
-                                 batch["dist_c"], out["features"], out["rectified"])  # fmt: skip
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            return loss.detach()
-
-        return step
-    images = images.contiguous(memory_format=torch.channels_last)
     net = torch.compile(model) if impl == "ours+compile" else model
-    amp = device.type == "cuda"  # as the engine: bf16 autocast on CUDA, off on CPU
 
     def step() -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = net(images, batch["pseudo"])
-            loss, _ = cdsp_loss(cfg, out["logits"], batch["scribble"], batch["pseudo"], batch["dist_s"],
-                                batch["dist_c"], out["features"], out["rectified"])  # fmt: skip
+        loss = forward_loss(impl, net, batch, device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -149,13 +144,8 @@ def loss_agreement(args: argparse.Namespace, device: torch.device) -> dict[str, 
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout | torch.nn.Dropout2d):
                 m.eval()
-        images = batch["image"] if impl == "official" else batch["image"].contiguous(memory_format=torch.channels_last)
-        amp = impl == "ours" and device.type == "cuda"
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = model(images, batch["pseudo"])
-            args_ = (out["logits"], batch["scribble"], batch["pseudo"], batch["dist_s"], batch["dist_c"],
-                     out["features"], out["rectified"])  # fmt: skip
-            loss = official_loss(LossConfig(), *args_) if impl == "official" else cdsp_loss(LossConfig(), *args_)[0]
+        with torch.no_grad():
+            loss = forward_loss(impl, model, batch, device)
         values[impl] = float(loss)
     values["relative_difference"] = abs(values["ours"] - values["official"]) / abs(values["official"])
     return values
