@@ -212,9 +212,11 @@ def run(
 
 
 def _print_result(result: dict, out: str) -> None:
+    from cdsp_core import runs
+
     parts = []
     if result.get("pseudo_label_miou") is not None:
-        parts.append(f"pseudo-label mIoU {result['pseudo_label_miou']:.2f}")
+        parts.append(runs.describe_quality(result))
     if result.get("miou") is not None:
         parts.append(f"val mIoU {result['miou']:.2f}")
     parts.append(f"{result.get('duration_s', 0):.0f} s")

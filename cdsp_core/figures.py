@@ -78,17 +78,20 @@ def save_curves(
     xlabel: str,
     ylabel: str,
     title: str = "",
+    points: Mapping[str, tuple[float, float]] | None = None,
 ) -> Path:
-    """Line plot of named (x, y) series."""
+    """Line plot of named (x, y) series, plus named single points (markers, in the legend)."""
     fig, ax = plt.subplots(figsize=(5, 3.4))
     for name, (x, y) in series.items():
         ax.plot(list(x), list(y), marker="o", ms=3, label=name)
+    for name, point in (points or {}).items():
+        ax.plot([point[0]], [point[1]], marker="*", ms=9, linestyle="none", label=name)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    if len(series) > 1:
+    if len(series) + len(points or {}) > 1:
         ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -180,8 +183,7 @@ def run_figures(
     import torch
 
     from cdsp_core import runs
-    from cdsp_core.cam import compute_cams, pseudo_label
-    from cdsp_core.data.dataset import image_labels
+    from cdsp_core.cam import class_probs, present_classes, pseudo_label, refine
     from cdsp_core.data.files import read_image, read_label
     from cdsp_core.data.layout import Layout, read_ids
     from cdsp_core.data.transforms import normalize
@@ -207,9 +209,11 @@ def run_figures(
             pseudo = read_label(pseudo_dir / f"{sample_id}.png", k, image.shape[:2])
         elif classifier is not None:
             net = unwrap(classifier).eval().to(device)
-            cams = compute_cams(net, x, spec.stage1.cam_scales).cpu()
-            present = torch.from_numpy(image_labels(scribble, k) > 0)
-            pseudo = pseudo_label(cams, present, spec.stage1.cam_threshold, torch.from_numpy(scribble)).numpy()
+            s1, scrib = spec.stage1, torch.from_numpy(scribble)
+            probs = class_probs(net, x[None], present_classes(scrib, k)[None].to(device), s1)[0].float().cpu()
+            if s1.refine == "random_walk":
+                probs = refine(x.cpu(), probs, scrib, s1)
+            pseudo = pseudo_label(probs, scrib).numpy()
         pred = blank
         if model is not None:
             net = unwrap(model).eval()

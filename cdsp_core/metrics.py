@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 import torch
 
+from cdsp_core.runs import QUALITY_KEYS
+
 IGNORE = 255
 
 
@@ -46,3 +48,41 @@ class ConfusionMatrix:
     def pixel_accuracy(self) -> float:
         total = self.mat.sum()
         return float(100 * self.mat.diag().sum() / total) if total > 0 else float("nan")
+
+
+class LabelQuality:
+    """Pseudo-label quality beside its trivial baseline, on all pixels and on unscribbled pixels only.
+
+    The trivial label keeps every scribbled pixel's class and calls every other pixel background.
+    Scribbled pixels are right by construction in both, so the unscribbled-pixel mIoU is where a
+    pseudo-label can add anything over the scribbles.
+    """
+
+    def __init__(self, num_classes: int, device: torch.device | str = "cpu"):
+        self.num_classes = num_classes
+        self.matrices = {key: ConfusionMatrix(num_classes, device) for key in QUALITY_KEYS}
+
+    def update(self, label: torch.Tensor, scribble: torch.Tensor, gt: torch.Tensor) -> None:
+        """Add one image: `label` the pseudo-label, `scribble` (255 = not scribbled), `gt` the truth."""
+        scribble, gt, label = scribble.long(), gt.long(), label.long()
+        unscribbled = scribble == IGNORE
+        trivial = torch.where(unscribbled, torch.zeros_like(scribble), scribble)
+        m = self.matrices
+        m["pseudo_label_miou"].update(label, gt)
+        m["pseudo_label_unscribbled_miou"].update(label[unscribbled], gt[unscribbled])
+        m["trivial_label_miou"].update(trivial, gt)
+        m["trivial_label_unscribbled_miou"].update(trivial[unscribbled], gt[unscribbled])
+
+    def all_reduce(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        # One reduction of all four matrices stacked.
+        stacked = reduce(torch.stack([m.mat for m in self.matrices.values()]))
+        for m, mat in zip(self.matrices.values(), stacked, strict=True):
+            m.mat = mat
+
+    def summary(self) -> dict[str, float]:
+        """The four mIoUs in percent, keyed by QUALITY_KEYS."""
+        return {key: round(m.miou(), 4) for key, m in self.matrices.items()}
+
+    def per_class(self) -> list[float | None]:
+        """Per-class IoU of the pseudo-label in percent."""
+        return self.matrices["pseudo_label_miou"].per_class()

@@ -16,11 +16,18 @@ from typing import Any
 from torch import nn
 
 from cdsp_core import runs
-from cdsp_core.cam import generate_pseudo_labels, label_quality
+from cdsp_core.cam import generate_pseudo_labels, label_quality, quality_row
 from cdsp_core.data.layout import DatasetError, Layout, check_layout
 from cdsp_core.data.scribbles import scribble_folder
-from cdsp_core.engine import train_classifier, train_segmentor
+from cdsp_core.engine import (
+    build_stage1_model,
+    stage1_checkpoint,
+    stage1_name,
+    train_classifier,
+    train_segmentor,
+)
 from cdsp_core.runner import Runner, append_metrics, default_device, latest_run_checkpoint, load_checkpoint
+from cdsp_core.runs import QUALITY_KEYS
 from cdsp_core.spec import ExperimentSpec
 
 COMPLETE = ".complete"
@@ -52,24 +59,29 @@ def pseudo_label_dir(run: str) -> Path:
     return Path(tempfile.gettempdir()) / "cdsp-pseudo" / key
 
 
-def finished_pseudo_labels(run: str) -> tuple[Path, float | None] | None:
+def recorded_quality(run: str) -> dict[str, Any]:
+    """The pseudo-label quality row that stage 1 recorded in metrics.jsonl (QUALITY_KEYS), else {}."""
+    found: dict[str, Any] = {}
+    for row in runs.read_jsonl(runs.join(run, runs.METRICS)):
+        if row.get("stage") == "pseudo_labels":
+            found = {k: row.get(k) for k in QUALITY_KEYS}
+    return found
+
+
+def finished_pseudo_labels(run: str) -> tuple[Path, dict[str, Any]] | None:
     """Pseudo-labels a previous attempt completed (fetched locally), with their recorded quality."""
     location = runs.join(run, runs.PSEUDO_LABELS)
     if not runs.exists(runs.join(location, COMPLETE)):
         return None
     local = pseudo_label_dir(run)
     if runs.is_remote(run) and not (local / COMPLETE).is_file():
-        _fetch_atomically(location, local)
-    miou = None
-    for row in runs.read_jsonl(runs.join(run, runs.METRICS)):
-        if row.get("stage") == "pseudo_labels":
-            miou = row.get("pseudo_label_miou")
-    return local, miou
+        fetch_atomically(location, local)
+    return local, recorded_quality(run)
 
 
-def publish_pseudo_labels(run: str, local: Path, miou: float | None) -> None:
-    """Rank 0, after every rank wrote its share: record quality, mark complete, mirror if remote."""
-    append_metrics(run, {"stage": "pseudo_labels", "pseudo_label_miou": miou, "time": time.time()})
+def publish_pseudo_labels(run: str, local: Path, row: dict[str, Any]) -> None:
+    """Rank 0, after every rank wrote its share: record quality and timing, mark complete, mirror if remote."""
+    append_metrics(run, {"stage": "pseudo_labels", **row, "time": time.time()})
     if runs.is_remote(run):  # the labels first: the marker promises that they are all there
         runs.upload(local, runs.join(run, runs.PSEUDO_LABELS))
     (local / COMPLETE).write_text("ok\n")
@@ -77,7 +89,7 @@ def publish_pseudo_labels(run: str, local: Path, miou: float | None) -> None:
         runs.upload(local / COMPLETE, runs.join(run, runs.PSEUDO_LABELS, COMPLETE))
 
 
-def _fetch_atomically(location: str, local: Path) -> None:
+def fetch_atomically(location: str, local: Path) -> None:
     """Download a finished pseudo-label folder to `local` under a file lock, into a temporary folder
     renamed into place, so that processes sharing this machine (Ray workers, search trials) fetch
     it once and never read a half-fetched folder."""
@@ -99,15 +111,44 @@ def _fetch_atomically(location: str, local: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def stage1(
+    spec: ExperimentSpec, runner: Runner, *, scribble_dir: Path, out_dir: Path
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Stage 1 on this rank: the classifier, then its pseudo-labels for this rank's share of the ids.
+
+    With `stage1.rounds` > 1, each later round fine-tunes the classifier on the previous round's
+    pseudo-labels (written next to `out_dir`, gathered by `runner.share_labels`) and labels again;
+    every round's quality is a `pseudo_labels` row of metrics.jsonl, the last one's published by the
+    caller. Returns the last classifier and that row (quality over all ranks and this rank's timing).
+    """
+    rounds = spec.stage1.rounds
+    model: nn.Module | None = None
+    previous: Path | None = None
+    row: dict[str, Any] = {}
+    for round_ in range(1, rounds + 1):
+        model = train_classifier(
+            spec, runner, scribble_dir=scribble_dir, round_=round_, labels_dir=previous, init=model
+        )
+        target = out_dir if round_ == rounds else out_dir.with_name(f"{out_dir.name}-round{round_}")
+        quality, timing = generate_pseudo_labels(model, spec, runner, scribble_dir=scribble_dir, out_dir=target)
+        row = {"round": round_, **quality_row(quality), **timing}
+        if round_ < rounds:
+            if runner.is_main:
+                append_metrics(runner.run, {"stage": "pseudo_labels", **row, "time": time.time()})
+                if runner.verbose:
+                    runner.log(f"stage 1, round {round_}: {runs.describe_quality(row)}")
+            runner.share_labels(target)
+            previous = target
+    assert model is not None
+    return model, row
+
+
 def load_stage1_model(spec: ExperimentSpec, run: str) -> nn.Module | None:
     """The classifier from the run's last stage-1 checkpoint, if there is one."""
-    from cdsp_core.models import build_classifier
-
-    path = latest_run_checkpoint(run, "stage1")
+    path = latest_run_checkpoint(run, stage1_name(spec.stage1.rounds))
     if path is None:
         return None
-    s1 = spec.stage1
-    model = build_classifier(s1.backbone, spec.data.num_classes, s1.output_stride, "none")
+    model = build_stage1_model(spec, pretrained=False)
     model.load_state_dict(load_checkpoint(path)["model"])
     return model
 
@@ -127,34 +168,31 @@ def run_pipeline(spec: ExperimentSpec, out: str, runner: Runner | None = None, f
     runner = runner or Runner(run=out, device=default_device(spec.resources.use_gpu))
     start = time.perf_counter()
     scribble_dir = prepare_run(spec, out, runner.is_main)
-    result: dict[str, Any] = {"name": spec.name, "kind": spec.kind, "miou": None, "pseudo_label_miou": None}
+    result: dict[str, Any] = {"name": spec.name, "kind": spec.kind, "miou": None, **quality_row(None)}
     epochs: dict[str, int] = {}
     classifier: nn.Module | None = None
     pseudo_dir: Path | None = None
     if spec.data.pseudo_label_dir is not None:
         pseudo_dir = Layout.from_spec(spec.data).pseudo_label_dir
         assert pseudo_dir is not None
-        cm = label_quality(spec, pseudo_dir, runner)
-        result["pseudo_label_miou"] = round(cm.miou(), 4) if cm else None
+        result.update(quality_row(label_quality(spec, pseudo_dir, scribble_dir, runner)))
     elif runs_stage1(spec):
         done = finished_pseudo_labels(out)
         if done is not None:
-            pseudo_dir, result["pseudo_label_miou"] = done
+            pseudo_dir, recorded = done
+            result.update(recorded)
         else:
-            classifier = train_classifier(spec, runner, scribble_dir=scribble_dir)
             pseudo_dir = pseudo_label_dir(out)
-            cm = generate_pseudo_labels(classifier, spec, runner, scribble_dir=scribble_dir, out_dir=pseudo_dir)
-            result["pseudo_label_miou"] = round(cm.miou(), 4) if cm else None
+            classifier, row = stage1(spec, runner, scribble_dir=scribble_dir, out_dir=pseudo_dir)
+            result.update({k: row[k] for k in QUALITY_KEYS})
             if runner.is_main:
-                publish_pseudo_labels(out, pseudo_dir, result["pseudo_label_miou"])
+                publish_pseudo_labels(out, pseudo_dir, row)
                 if runner.verbose:
-                    runner.log(
-                        f"pseudo-labels: {result['pseudo_label_miou']} mIoU against ground truth -> {pseudo_dir}"
-                    )
-        epochs["stage1"] = spec.stage1.epochs
+                    runner.log(f"pseudo-labels -> {pseudo_dir}: {runs.describe_quality(result)}")
+        epochs["stage1"] = spec.stage1.total_epochs
     model = None
     if spec.kind == "stage1":
-        result["checkpoint"] = f"{runs.CHECKPOINTS}/stage1-epoch{spec.stage1.epochs:03d}.pt"
+        result["checkpoint"] = stage1_checkpoint(spec)
     else:
         model, final = train_segmentor(spec, runner, scribble_dir=scribble_dir, pseudo_dir=pseudo_dir)
         result.update(miou=final["miou"], per_class_iou=final["per_class_iou"], checkpoint=final["checkpoint"])

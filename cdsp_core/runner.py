@@ -51,6 +51,10 @@ class Runner:
     """Called by every rank after every epoch; rank 0 passes a folder holding the checkpoint."""
     latest_checkpoint: Callable[[str], Path | None] | None = None
     """Where to resume a stage from; default: the newest checkpoint of the stage in the run folder."""
+    share_labels: Callable[[Path], None] = lambda folder: None
+    """Called by every rank once it wrote its share of a stage-1 round's pseudo-labels into `folder`;
+    returns when `folder` holds every rank's share on this machine (Ray: a barrier, and on object
+    storage an upload and a fetch). The next round trains on them."""
     on_step: Callable[[str, int, int], None] | None = None
     """Called after every optimizer step with (stage, epoch, step): progress, fault injection."""
     progress: bool = True

@@ -34,6 +34,26 @@ FIGURES = "figures"
 LOGS = "logs"
 PSEUDO_LABELS = "pseudo_labels"
 
+QUALITY_KEYS = (
+    "pseudo_label_miou",
+    "pseudo_label_unscribbled_miou",
+    "trivial_label_miou",
+    "trivial_label_unscribbled_miou",
+)
+"""Pseudo-label quality (percent, training split) that every run making or reading pseudo-labels
+records in metrics.jsonl and result.json: the pseudo-label's mIoU and the trivial label's ("scribbled
+pixels keep their class, every other pixel is background"), on all pixels and on unscribbled ones."""
+
+
+def describe_quality(row: dict[str, Any]) -> str:
+    """The pseudo-label mIoU beside the trivial label's, on all and on unscribbled pixels, in one phrase."""
+    if row.get("pseudo_label_miou") is None:
+        return "pseudo-labels not measured (no ground truth)"
+    return (
+        f"pseudo-label mIoU {row['pseudo_label_miou']:.2f} (trivial label {row['trivial_label_miou']:.2f}; "
+        f"unscribbled pixels {row['pseudo_label_unscribbled_miou']:.2f} vs {row['trivial_label_unscribbled_miou']:.2f})"
+    )
+
 
 def is_remote(location: str | os.PathLike[str]) -> bool:
     """True for a URI with a scheme other than file:// (s3://, gs://, memory://...)."""

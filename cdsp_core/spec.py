@@ -79,6 +79,32 @@ class DataSpec(_Section):
 
 
 class Stage1Spec(_Section):
+    method: Literal["cam", "dense"] = "dense"
+    """`cam`: the paper's classifier and its CAMs (Eq. 6), background where no present class's map
+    exceeds `cam_threshold`. `dense`: class maps with a background channel, trained by the
+    multi-label loss and, on the scribbled pixels (background strokes included), by partial
+    cross-entropy over the classes present in the image."""
+    dense_weight: float = Field(1.0, ge=0)
+    """`dense`: weight of the partial cross-entropy on the scribbles beside the multi-label loss."""
+    refine: Literal["none", "random_walk"] = "random_walk"
+    """`random_walk`: propagate the scribbles along image edges, with the class maps (restricted to the
+    classes present) as a prior, into the pseudo-label. `none`: the class maps' argmax."""
+    rw_beta: float = Field(1.0, ge=0)
+    """Random walk: edge weight exp(-beta * colour difference^2 / the image's median one); 0 ignores edges."""
+    rw_prior_weight: float = Field(1e-3, gt=0)
+    """Random walk: how strongly each pixel keeps to the class maps against its neighbours (edge
+    weights are at most 1): small, so the scribbles decide wherever edges let them reach, and the
+    class maps decide the regions no scribble reaches."""
+    rw_connectivity: Literal[4, 8] = 8
+    """Random walk: pixel neighbourhood of the graph."""
+    rounds: int = Field(1, ge=1, le=10)
+    """`dense`: self-training rounds. After the first, the classifier is fine-tuned for `round_epochs`
+    on the previous round's pseudo-labels (partial cross-entropy on every labelled pixel) and the
+    pseudo-labels are made again from its maps, seeded by the real scribbles."""
+    round_epochs: int = Field(8, ge=1)
+    """Fine-tuning epochs of each round after the first."""
+    round_lr: float = Field(0.01, gt=0)
+    """Base learning rate of the rounds after the first (cosine decay to 0 within each round)."""
     backbone: Backbone = "resnet50"
     """Backbone of the multi-label CAM classifier."""
     pretrained: str = "none"
@@ -97,9 +123,11 @@ class Stage1Spec(_Section):
     """Label each augmented crop by the scribble pixels it keeps (unknown classes masked) instead of
     the whole image's classes: no label noise from random scaling and cropping."""
     cam_threshold: float = Field(0.25, ge=0.0, le=1.0)
-    """Background score tau: a pixel is background unless a present class's CAM exceeds it."""
+    """`cam`: background score tau; a pixel is background unless a present class's CAM exceeds it."""
     cam_scales: list[float] = Field(default_factory=lambda: [1.0, 0.5, 1.5, 2.0])
-    """Input scales of the CAM inference (each also horizontally flipped)."""
+    """Input scales of the class-map inference (each also horizontally flipped)."""
+    amp: bool = True
+    """bf16 autocast on CUDA (ignored on CPU) for the classifier's training and inference."""
 
     @field_validator("cam_scales")
     @classmethod
@@ -107,6 +135,20 @@ class Stage1Spec(_Section):
         if not v or any(s <= 0 for s in v):
             raise ValueError(f"need a non-empty list of positive scales, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _rounds_need_dense_maps(self) -> Stage1Spec:
+        if self.rounds > 1 and self.method != "dense":
+            raise ValueError(
+                f"rounds={self.rounds} needs method 'dense': the CAM classifier learns from image-level labels "
+                "only, which another round would not change"
+            )
+        return self
+
+    @property
+    def total_epochs(self) -> int:
+        """Training epochs of every round together."""
+        return self.epochs + (self.rounds - 1) * self.round_epochs
 
 
 class LossSwitches(_Section):

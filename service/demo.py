@@ -97,7 +97,7 @@ def _run(client: Client, spec: ExperimentSpec, timeout: float) -> int:
         checkpoint = runs.join(final["run_dir"], result.get("checkpoint", ""))
         console.print(f"[green]mIoU {result.get('miou'):.2f}[/green] (validation, percent)")
         if result.get("pseudo_label_miou") is not None:
-            console.print(f"pseudo-label mIoU {result['pseudo_label_miou']:.2f}")
+            console.print(runs.describe_quality(result))
         console.print(f"per-class IoU: {result.get('per_class_iou')}")
         console.print(f"checkpoint: {checkpoint}")
         console.print(f"run folder: {final['run_dir']}")

@@ -15,7 +15,7 @@ from cdsp_core.spec import ExperimentSpec, grid_size
 
 # Names the download routes accept: one plain file name, never a path.
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
-_CKPT = re.compile(r"^(?P<stage>[a-z0-9_]+)-epoch(?P<epoch>\d+)\.pt$")
+_CKPT = re.compile(r"^(?P<stage>[a-z0-9_-]+)-epoch(?P<epoch>\d+)\.pt$")
 
 
 def runs_stage1(spec: ExperimentSpec) -> bool:
@@ -31,7 +31,7 @@ def runs_stage1(spec: ExperimentSpec) -> bool:
 
 def total_epochs(spec: ExperimentSpec) -> int:
     """Epochs of every stage the spec runs; a search counts stage 2 once per trial."""
-    total = spec.stage1.epochs if runs_stage1(spec) else 0
+    total = spec.stage1.total_epochs if runs_stage1(spec) else 0
     if spec.kind in ("pipeline", "stage2"):
         total += spec.stage2.epochs
     elif spec.kind == "search" and spec.search is not None:
@@ -47,7 +47,7 @@ def epochs_done(spec: ExperimentSpec, rows: list[dict[str, Any]]) -> tuple[int, 
         st, ep = row.get("stage"), row.get("epoch")
         if isinstance(st, str):
             stage = st
-        if st not in ("stage1", "stage2") or not isinstance(ep, int):
+        if not isinstance(st, str) or not st.startswith(("stage1", "stage2")) or not isinstance(ep, int):
             continue
         key = (row.get("trial"), st)
         best[key] = max(best.get(key, 0), ep)

@@ -13,9 +13,11 @@ from collections.abc import Callable
 from typing import Any
 
 from cdsp_core import runs
-from cdsp_core.cam import label_quality
+from cdsp_core.cam import label_quality, quality_row
 from cdsp_core.data.layout import Layout
-from cdsp_core.pipeline import COMPLETE, prepare_run, runs_stage1, write_result
+from cdsp_core.data.scribbles import scribble_folder
+from cdsp_core.engine import stage1_checkpoint
+from cdsp_core.pipeline import COMPLETE, prepare_run, recorded_quality, runs_stage1, write_result
 from cdsp_core.runner import Runner
 from cdsp_core.spec import ExperimentSpec
 from workers.preflight import finished_result
@@ -28,31 +30,21 @@ def pseudo_labels_done(run: str) -> bool:
     return runs.exists(runs.join(run, runs.PSEUDO_LABELS, COMPLETE))
 
 
-def recorded_pseudo_quality(run: str) -> float | None:
-    """The pseudo-label mIoU that stage 1 recorded in metrics.jsonl."""
-    miou = None
-    for row in runs.read_jsonl(runs.join(run, runs.METRICS)):
-        if row.get("stage") == "pseudo_labels":
-            miou = row.get("pseudo_label_miou")
-    return miou
-
-
-def external_quality(spec: ExperimentSpec, run: str) -> float | None:
-    """mIoU of external pseudo-labels against the training ground truth (in this process)."""
+def external_quality(spec: ExperimentSpec, run: str) -> dict[str, Any]:
+    """Quality of external pseudo-labels against the training ground truth (in this process)."""
     folder = Layout.from_spec(spec.data).pseudo_label_dir
     assert folder is not None
-    cm = label_quality(spec, folder, Runner(run=run, progress=False))
-    return round(cm.miou(), 4) if cm else None
+    return quality_row(label_quality(spec, folder, scribble_folder(spec.data), Runner(run=run, progress=False)))
 
 
-def ensure_pseudo_labels(spec: ExperimentSpec, run: str, log: Log, figures: bool) -> float | None:
+def ensure_pseudo_labels(spec: ExperimentSpec, run: str, log: Log, figures: bool) -> dict[str, Any]:
     """Stage 1 on Ray unless `run` already holds finished pseudo-labels; returns their quality."""
     if pseudo_labels_done(run):
         log(f"stage 1: reusing the finished pseudo-labels in {runs.join(run, runs.PSEUDO_LABELS)}")
     else:
-        log(f"stage 1: {spec.resources.num_workers} worker(s), {spec.stage1.epochs} epoch(s)")
+        log(f"stage 1: {spec.resources.num_workers} worker(s), {spec.stage1.total_epochs} epoch(s)")
         run_stage(stage1_worker, "stage1", spec, run, figures=figures)
-    return recorded_pseudo_quality(run)
+    return {**quality_row(None), **recorded_quality(run)}
 
 
 def run_on_ray(spec: ExperimentSpec, out: str, log: Log = print) -> dict[str, Any]:
@@ -66,15 +58,15 @@ def run_on_ray(spec: ExperimentSpec, out: str, log: Log = print) -> dict[str, An
     start = time.perf_counter()
     prepare_run(spec, out)  # spec.yaml, and DatasetError before any training
     wspec = worker_spec(spec)
-    result: dict[str, Any] = {"name": spec.name, "kind": spec.kind, "miou": None, "pseudo_label_miou": None}
+    result: dict[str, Any] = {"name": spec.name, "kind": spec.kind, "miou": None, **quality_row(None)}
     epochs: dict[str, int] = {}
     if spec.data.pseudo_label_dir is not None:
-        result["pseudo_label_miou"] = external_quality(wspec, out)
+        result.update(external_quality(wspec, out))
     elif runs_stage1(spec):
-        result["pseudo_label_miou"] = ensure_pseudo_labels(wspec, out, log, figures=spec.kind == "stage1")
-        epochs["stage1"] = spec.stage1.epochs
+        result.update(ensure_pseudo_labels(wspec, out, log, figures=spec.kind == "stage1"))
+        epochs["stage1"] = spec.stage1.total_epochs
     if spec.kind == "stage1":
-        result["checkpoint"] = f"{runs.CHECKPOINTS}/stage1-epoch{spec.stage1.epochs:03d}.pt"
+        result["checkpoint"] = stage1_checkpoint(spec)
     else:
         log(f"stage 2: {spec.resources.num_workers} worker(s), {spec.stage2.epochs} epoch(s)")
         final = run_stage(stage2_worker, "stage2", wspec, out, pseudo_from=out)

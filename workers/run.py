@@ -96,7 +96,7 @@ def execute(spec: ExperimentSpec, out: str, address: str | None, num_cpus: int |
 def summary(result: dict[str, Any], out: str) -> str:
     parts = []
     if result.get("pseudo_label_miou") is not None:
-        parts.append(f"pseudo-label mIoU {result['pseudo_label_miou']:.2f}")
+        parts.append(runs.describe_quality(result))
     if result.get("miou") is not None:
         parts.append(f"val mIoU {result['miou']:.2f}")
     if result.get("best_trial"):

@@ -25,6 +25,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from cdsp_core import runs
+from cdsp_core.cam import quality_row
 from cdsp_core.pipeline import prepare_run, runs_stage1, write_result
 from cdsp_core.runner import append_metrics, list_checkpoints
 from cdsp_core.spec import Domain, ExperimentSpec, validate_spec
@@ -71,7 +72,7 @@ def run_trial(
     base: dict[str, Any],
     search_dir: str,
     pseudo_from: str | None,
-    pseudo_miou: float | None,
+    pseudo_quality: dict[str, Any],
     env: dict[str, str],
 ) -> None:
     """One Tune trial: a stage-2 TorchTrainer into `trials/<trial>/`, reporting every epoch to Tune."""
@@ -90,7 +91,7 @@ def run_trial(
     )
     write_result(run, {
         "name": spec.name, "kind": spec.kind, "miou": final["miou"],
-        "pseudo_label_miou": pseudo_miou, "per_class_iou": final["per_class_iou"],
+        **pseudo_quality, "per_class_iou": final["per_class_iou"],
         "checkpoint": final["checkpoint"], "epochs": {"stage2": spec.stage2.epochs},
         "duration_s": round(time.perf_counter() - start, 2), "trial": name, "params": config,
     })  # fmt: skip
@@ -224,12 +225,12 @@ def _search_figures(search_dir: str, entries: Sequence[dict[str, Any]], out: Pat
 # ---- the driver ---------------------------------------------------------------------------
 
 
-def make_tuner(spec: ExperimentSpec, out: str, pseudo_from: str | None, pseudo_miou: float | None) -> tune.Tuner:
+def make_tuner(spec: ExperimentSpec, out: str, pseudo_from: str | None, pseudo_quality: dict[str, Any]) -> tune.Tuner:
     search = spec.search
     assert search is not None
     trainable = tune.with_parameters(
         run_trial, base=worker_spec(spec).model_dump(mode="json"), search_dir=out, pseudo_from=pseudo_from,
-        pseudo_miou=pseudo_miou, env=job_env(),
+        pseudo_quality=pseudo_quality, env=job_env(),
     )  # fmt: skip
     # The trial process only builds and waits on its TorchTrainer: no CPU, so that its workers fit
     # (Tune refuses an empty request; a little memory, which every node has, makes it non-empty).
@@ -274,14 +275,14 @@ def run_search(spec: ExperimentSpec, out: str, log: Log = print) -> dict[str, An
     start = time.perf_counter()
     prepare_run(spec, out)
     wspec = worker_spec(spec)
-    pseudo_from, pseudo_miou, epochs = None, None, {"stage2": spec.stage2.epochs}
+    pseudo_from, pseudo_quality, epochs = None, quality_row(None), {"stage2": spec.stage2.epochs}
     if spec.data.pseudo_label_dir is not None:
-        pseudo_miou = external_quality(wspec, out)
+        pseudo_quality = external_quality(wspec, out)
     elif runs_stage1(spec):
-        pseudo_miou = ensure_pseudo_labels(wspec, out, log, figures=False)
-        pseudo_from, epochs = out, {"stage1": spec.stage1.epochs, **epochs}
+        pseudo_quality = ensure_pseudo_labels(wspec, out, log, figures=False)
+        pseudo_from, epochs = out, {"stage1": spec.stage1.total_epochs, **epochs}
     log(f"search: {spec.search.max_concurrent_trials} concurrent trial(s) over {sorted(spec.search.space)}")
-    tuner = make_tuner(spec, out, pseudo_from, pseudo_miou)
+    tuner = make_tuner(spec, out, pseudo_from, pseudo_quality)
     # Results without `miou` (epochs between evaluations, `stage2.eval_every`) are normal here.
     with env_vars({"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}):
         tuner.fit()
@@ -294,7 +295,7 @@ def run_search(spec: ExperimentSpec, out: str, log: Log = print) -> dict[str, An
     trial_result = runs.read_json(runs.join(out, TRIALS_DIR, best["trial"], runs.RESULT)) or {}
     result = {
         "name": spec.name, "kind": "search", "best_trial": best["trial"], "miou": best["miou"],
-        "params": best["params"], "checkpoint": best["checkpoint"], "pseudo_label_miou": pseudo_miou,
+        "params": best["params"], "checkpoint": best["checkpoint"], **pseudo_quality,
         "per_class_iou": trial_result.get("per_class_iou"), "epochs": epochs,
         "trials": len(entries), "duration_s": round(time.perf_counter() - start, 2),
     }  # fmt: skip

@@ -32,16 +32,18 @@ from ray.train.v2.api.config import CheckpointConfig, FailureConfig, LoggingConf
 from ray.train.v2.torch.torch_trainer import TorchTrainer
 
 from cdsp_core import runs
-from cdsp_core.cam import generate_pseudo_labels
 from cdsp_core.data.layout import Layout, read_ids
-from cdsp_core.engine import train_classifier, train_segmentor
+from cdsp_core.engine import train_segmentor
 from cdsp_core.figures import run_figures
 from cdsp_core.pipeline import (
+    COMPLETE,
+    fetch_atomically,
     finished_pseudo_labels,
     load_stage1_model,
     prepare_run,
     pseudo_label_dir,
     publish_pseudo_labels,
+    stage1,
 )
 from cdsp_core.runner import Runner, latest_run_checkpoint, list_checkpoints
 from cdsp_core.spec import ExperimentSpec
@@ -157,31 +159,53 @@ def _load(config: dict[str, Any]) -> tuple[ExperimentSpec, str]:
 # ---- train_fn_per_worker ------------------------------------------------------------------
 
 
-def stage1_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """Stage 1 on this worker: the classifier (DDP), then this rank's share of the pseudo-labels.
+def upload_share(spec: ExperimentSpec, runner: Runner, local: Path, location: str) -> None:
+    """Upload this rank's share of a pseudo-label folder (the ids it labelled) to `location`."""
+    for sample_id in read_ids(Layout.from_spec(spec.data).train_list)[runner.rank :: runner.world_size]:
+        name = f"{sample_id}.png"
+        runs.upload(local / name, runs.join(location, name))
 
-    Rank 0 publishes them (quality row in metrics.jsonl, `.complete`) once every rank is done.
+
+def share_labels(spec: ExperimentSpec, runner: Runner, run: str, local: Path) -> None:
+    """The Runner's `share_labels` on Ray: after it, `local` holds every rank's share on this node.
+
+    A local run folder is one folder every rank writes into: a barrier is enough. On object
+    storage each node labels into its own cache, so every rank uploads its share, rank 0 marks
+    the folder complete, and each node fetches it whole (once, under a lock) before training on.
+    """
+    if runs.is_remote(run):
+        location = runs.join(run, local.name)
+        upload_share(spec, runner, local, location)
+        _barrier(runner)
+        if runner.is_main:
+            runs.write_text(runs.join(location, COMPLETE), "ok\n")
+        _barrier(runner)
+        fetch_atomically(location, local)
+    _barrier(runner)
+
+
+def stage1_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Stage 1 on this worker: the classifier (DDP), then this rank's share of the pseudo-labels,
+    every round (`cdsp_core.pipeline.stage1`).
+
+    Rank 0 publishes the last round's (quality row in metrics.jsonl, `.complete`) once every rank is done.
     """
     spec, run = _load(config)
     runner = ray_runner(spec, run)
     scribble_dir = prepare_run(spec, run, is_main=False)
-    model = train_classifier(spec, runner, scribble_dir=scribble_dir)
     out_dir = pseudo_label_dir(run)
-    cm = generate_pseudo_labels(model, spec, runner, scribble_dir=scribble_dir, out_dir=out_dir)
-    miou = round(cm.miou(), 4) if cm else None
+    runner.share_labels = partial(share_labels, spec, runner, run)
+    model, row = stage1(spec, runner, scribble_dir=scribble_dir, out_dir=out_dir)
     if runs.is_remote(run) and ray.train.get_context().get_node_rank() > 0:
         # Rank 0 uploads its node's cache; ranks on other nodes upload their own share first.
-        ids = read_ids(Layout.from_spec(spec.data).train_list)[runner.rank :: runner.world_size]
-        for sample_id in ids:
-            name = f"{sample_id}.png"
-            runs.upload(out_dir / name, runs.join(run, runs.PSEUDO_LABELS, name))
+        upload_share(spec, runner, out_dir, runs.join(run, runs.PSEUDO_LABELS))
     _barrier(runner)
     if runner.is_main:
-        publish_pseudo_labels(run, out_dir, miou)
-        runner.log(f"pseudo-labels: {miou} mIoU against ground truth")
+        publish_pseudo_labels(run, out_dir, row)
+        runner.log(runs.describe_quality(row))
         if config.get("figures"):
             run_figures(spec, run, None, model, out_dir, scribble_dir, runner.device)
-    return {"pseudo_label_miou": miou}
+    return {k: row[k] for k in runs.QUALITY_KEYS}
 
 
 def stage_pseudo_dir(spec: ExperimentSpec, pseudo_from: str | None) -> Path | None:

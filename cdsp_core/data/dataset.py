@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -129,13 +130,14 @@ class TrainDataset(Dataset):
 
 
 class ClassificationDataset(Dataset):
-    """Stage-1 training samples: augmented image, multi-label target and which entries are known.
+    """Stage-1 training samples: augmented image and scribble, multi-label target, which entries are known.
 
     With `crop_labels` off, the target is the image-level label from the whole scribble (every
     entry known). With it on, the target describes the augmented crop: a class whose scribble
     survives in the crop is present, a class absent from the image's scribble is absent, and a
     class of the image whose scribble fell outside the crop is unknown (masked out of the loss).
-    Random scaling and cropping then add no label noise.
+    Random scaling and cropping then add no label noise. `present` is always the whole image's
+    classes (background first, always present): the classes the dense maps may choose from.
     """
 
     def __init__(
@@ -163,17 +165,21 @@ class ClassificationDataset(Dataset):
         out = self.transform(
             {"image": tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1)), "scribble": _mask(scribble)}
         )
+        crop_scribble = out["scribble"].numpy()
         labels = image_labels(scribble, self.num_classes)
+        present = np.concatenate([[1.0], labels]).astype(bool)
         known = np.ones_like(labels)
         if self.crop_labels:
-            in_crop = image_labels(out["scribble"].numpy(), self.num_classes)
+            in_crop = image_labels(crop_scribble, self.num_classes)
             known = np.maximum(in_crop, 1.0 - labels)  # present in the crop, or absent from the image
             labels = in_crop
         return {
             "id": sample_id,
             "image": normalize(out["image"].as_subclass(torch.Tensor)),
+            "scribble": torch.from_numpy(crop_scribble.astype(np.int64)),
             "labels": torch.from_numpy(labels),
             "known": torch.from_numpy(known),
+            "present": torch.from_numpy(present),
         }
 
 
@@ -230,3 +236,12 @@ def collate(batch: list[Sample]) -> Sample:
         else:
             out[key] = values
     return out
+
+
+def same_size_batches(samples: list[Sample]) -> Iterable[Sample]:
+    """Stack samples of equal image size; whole images of different sizes go one by one."""
+    groups: dict[tuple[int, ...], list[Sample]] = {}
+    for s in samples:
+        groups.setdefault(tuple(s["image"].shape), []).append(s)
+    for group in groups.values():
+        yield collate(group)

@@ -89,3 +89,18 @@ def write_degraded(
         write_label(out / f"{sample_id}.png", label)
         cm.update(torch.from_numpy(label.astype(np.int64)), torch.from_numpy(gt.astype(np.int64)))
     return name, cm.miou()
+
+
+def trivial_label(scribble: np.ndarray) -> np.ndarray:
+    """The trivial pseudo-label: scribbled pixels keep their class, every other pixel is background."""
+    return np.where(scribble == IGNORE, 0, scribble).astype(np.uint8)
+
+
+def write_trivial(data: DataSpec, out_dir_name: str = "pseudo_trivial", scribble_dir: Path | None = None) -> str:
+    """The trivial label of every training id under `root/<out_dir_name>` (the baseline every
+    pseudo-label is measured against); returns the folder name."""
+    lay = Layout.from_spec(data)
+    for sample_id in read_ids(lay.train_list):
+        scribble = read_label((scribble_dir or lay.scribble_dir) / f"{sample_id}.png", data.num_classes)
+        write_label(lay.root / out_dir_name / f"{sample_id}.png", trivial_label(scribble))
+    return out_dir_name

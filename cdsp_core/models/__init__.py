@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from cdsp_core.models.backbones import BACKBONES, ResNetBackbone, build_backbone
-from cdsp_core.models.cam import CAMClassifier
+from cdsp_core.models.cam import CAMClassifier, DenseClassifier
 from cdsp_core.models.deeplab import DeepLabV2Head, DeepLabV3PlusHead, Segmentor
 from cdsp_core.models.lorm import LoRM, foreground_mask, rectify
 
@@ -34,19 +34,27 @@ def build_segmentor(
     return Segmentor(trunk, head, num_classes, module)
 
 
+STAGE1_METHODS = ("cam", "dense")
+
+
 def build_classifier(
-    backbone: str, num_classes: int, output_stride: int = 16, pretrained: str = "none"
-) -> CAMClassifier:
-    """The stage-1 CAM classifier over the K-1 foreground classes."""
-    return CAMClassifier(build_backbone(backbone, output_stride, pretrained), num_classes - 1)
+    backbone: str, num_classes: int, output_stride: int = 16, pretrained: str = "none", method: str = "cam"
+) -> CAMClassifier | DenseClassifier:
+    """The stage-1 classifier: CAMs over the K-1 foreground classes, or dense maps over all K."""
+    if method not in STAGE1_METHODS:
+        raise ValueError(f"unknown stage-1 method {method!r}; valid: {list(STAGE1_METHODS)}")
+    trunk = build_backbone(backbone, output_stride, pretrained)
+    return CAMClassifier(trunk, num_classes - 1) if method == "cam" else DenseClassifier(trunk, num_classes)
 
 
 __all__ = [
     "BACKBONES",
     "SEGMENTORS",
+    "STAGE1_METHODS",
     "CAMClassifier",
     "DeepLabV2Head",
     "DeepLabV3PlusHead",
+    "DenseClassifier",
     "LoRM",
     "ResNetBackbone",
     "Segmentor",

@@ -28,7 +28,7 @@ class DeepLabV2Head(nn.Module):
         return out  # (B, K, H/os, W/os)
 
 
-def _conv_bn_relu(cin: int, cout: int, k: int, dilation: int = 1) -> nn.Sequential:
+def conv_bn_relu(cin: int, cout: int, k: int, dilation: int = 1) -> nn.Sequential:
     pad = dilation * (k // 2)
     return nn.Sequential(
         nn.Conv2d(cin, cout, k, padding=pad, dilation=dilation, bias=False),
@@ -43,12 +43,12 @@ class ASPP(nn.Module):
     def __init__(self, in_channels: int, rates: tuple[int, int, int], channels: int = 256):
         super().__init__()
         self.branches = nn.ModuleList(
-            [_conv_bn_relu(in_channels, channels, 1)] + [_conv_bn_relu(in_channels, channels, 3, r) for r in rates]
+            [conv_bn_relu(in_channels, channels, 1)] + [conv_bn_relu(in_channels, channels, 3, r) for r in rates]
         )
         # No BatchNorm after pooling: a 1x1 map with one image per worker has a single value per
         # channel, which BatchNorm cannot normalise in training.
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(in_channels, channels, 1), nn.ReLU(inplace=True))
-        self.project = nn.Sequential(_conv_bn_relu(channels * 5, channels, 1), nn.Dropout(0.1))
+        self.project = nn.Sequential(conv_bn_relu(channels * 5, channels, 1), nn.Dropout(0.1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outs = [b(x) for b in self.branches]
@@ -63,8 +63,8 @@ class DeepLabV3PlusHead(nn.Module):
         super().__init__()
         rates = (12, 24, 36) if output_stride == 8 else (6, 12, 18)
         self.aspp = ASPP(in_channels, rates)
-        self.reduce = _conv_bn_relu(low_channels, 48, 1)
-        self.fuse = nn.Sequential(_conv_bn_relu(256 + 48, 256, 3), _conv_bn_relu(256, 256, 3))
+        self.reduce = conv_bn_relu(low_channels, 48, 1)
+        self.fuse = nn.Sequential(conv_bn_relu(256 + 48, 256, 3), conv_bn_relu(256, 256, 3))
         self.classifier = nn.Conv2d(256, num_classes, 1)
 
     def forward(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:

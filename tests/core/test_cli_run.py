@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from cdsp_core import cli, runs
 from cdsp_core.figures import colourize
+from cdsp_core.runs import QUALITY_KEYS
 from service.cli import app
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,7 +35,7 @@ def test_run_writes_every_artifact_and_predict_writes_masks(invoke, tiny_synth: 
     out = tmp_path / "run"
     overrides = [
         f"data.root={tiny_synth}", "data.num_classes=3", "data.loader_workers=0",
-        "stage1.epochs=1", "stage1.batch_size=4", "stage1.cam_scales=[1.0]",
+        "stage1.epochs=1", "stage1.round_epochs=1", "stage1.batch_size=4", "stage1.cam_scales=[1.0]",
         "stage2.epochs=2", "stage2.batch_size=4", "stage2.eval_every=1",
     ]  # fmt: skip
     sets = [a for o in overrides for a in ("--set", o)]
@@ -43,10 +44,11 @@ def test_run_writes_every_artifact_and_predict_writes_masks(invoke, tiny_synth: 
 
     # The printed summary and result.json agree.
     saved = json.loads((out / runs.RESULT).read_text())
-    assert 0.0 <= saved["miou"] <= 100.0 and 0.0 <= saved["pseudo_label_miou"] <= 100.0
+    assert 0.0 <= saved["miou"] <= 100.0 and all(0.0 <= saved[k] <= 100.0 for k in QUALITY_KEYS)
     assert f"{saved['miou']:.2f}" in result.output
+    assert f"trivial label {saved['trivial_label_miou']:.2f}" in result.output
     assert len(saved["per_class_iou"]) == 3
-    assert saved["epochs"] == {"stage1": 1, "stage2": 2}
+    assert saved["epochs"] == {"stage1": 2, "stage2": 2}  # the recipe's two stage-1 rounds of one epoch
     assert saved["checkpoint"] == "checkpoints/stage2-epoch002.pt"
 
     # spec.yaml is the resolved spec; metrics.jsonl has one row per epoch of each stage.

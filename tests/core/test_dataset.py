@@ -181,11 +181,14 @@ def test_classification_and_whole_image_datasets(tiny_synth):
     torch.manual_seed(0)
     cls_ds = ClassificationDataset(spec(tiny_synth, crop_size=40))
     sample = cls_ds[2]
-    assert set(sample) == {"id", "image", "labels", "known"}
+    assert set(sample) == {"id", "image", "scribble", "labels", "known", "present"}
     assert sample["image"].shape == (3, 40, 40) and sample["labels"].dtype == torch.float32
+    assert sample["scribble"].shape == (40, 40)  # the crop's scribble, for the dense maps
     scribble = read(tiny_synth / "pascal_2012_scribble" / f"{cls_ds.ids[2]}.png")
     assert np.array_equal(sample["labels"].numpy(), image_labels(scribble, K))
     assert (sample["known"] == 1).all()  # image-level labels: every entry known
+    # The classes the dense maps may choose from: background, then the whole image's classes.
+    assert sample["present"].tolist() == [True, *(image_labels(scribble, K) > 0).tolist()]
 
     data = spec(tiny_synth)
     val = WholeImageDataset(data, "val", {"gt": tiny_synth / GT, "scribble": None})

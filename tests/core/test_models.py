@@ -1,5 +1,7 @@
 """Models: every backbone x head (shape, no NaN, every parameter gets a gradient), CAMs, weights."""
 
+import math
+
 import pytest
 import torch
 import torchvision.models as tvm
@@ -7,6 +9,7 @@ import torchvision.models as tvm
 from cdsp_core.losses import lorm_loss
 from cdsp_core.models import BACKBONES, SEGMENTORS, build_backbone, build_classifier, build_segmentor
 from cdsp_core.models.backbones import imagenet_weights_path
+from cdsp_core.models.cam import LSE_R, lse_pool
 
 K = 3
 
@@ -57,8 +60,29 @@ def test_cam_is_the_classifier_applied_per_position():
         raw = torch.einsum("kc,bchw->bkhw", clf.classifier.weight, feats)
         torch.testing.assert_close(clf.cams(x), raw.clamp(min=0))
         # GAP then linear == linear then GAP (Eq. 6 is the classifier read out per position).
-        torch.testing.assert_close(clf(x), raw.mean(dim=(2, 3)), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(clf(x)["logits"], raw.mean(dim=(2, 3)), rtol=1e-5, atol=1e-5)
     assert clf.classifier.bias is None and clf.classifier.out_features == 3
+
+
+def test_dense_maps_have_a_background_channel_and_classify_by_their_mean():
+    torch.manual_seed(1)
+    clf = build_classifier("resnet18", 4, output_stride=16, method="dense").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = clf(x)
+        torch.testing.assert_close(out["maps"], clf.maps(x))
+    assert out["maps"].shape == (2, 4, 16, 16)  # all K classes, background first, at stride 4
+    torch.testing.assert_close(out["logits"], lse_pool(out["maps"][:, 1:], LSE_R))
+
+
+def test_lse_pool_lies_between_the_mean_and_the_max():
+    maps = torch.tensor([[[[0.0, 1.0], [2.0, 5.0]]]])  # (1, 1, 2, 2)
+    golden = math.log((1 + math.e**4 + math.e**8 + math.e**20) / 4) / 4
+    torch.testing.assert_close(lse_pool(maps, 4.0), torch.tensor([[golden]]))
+    assert 2.0 < golden < 5.0  # mean 2, max 5
+    torch.testing.assert_close(lse_pool(maps, 1e-4), torch.tensor([[2.0]]), rtol=0, atol=1e-3)
+    with pytest.raises(ValueError, match=r"unknown stage-1 method 'crf'; valid: \['cam', 'dense'\]"):
+        build_classifier("resnet18", 4, method="crf")
 
 
 def test_weights_from_a_local_file(tmp_path):

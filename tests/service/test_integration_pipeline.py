@@ -17,6 +17,7 @@ import pytest
 pytest.importorskip("workers.run")
 
 from cdsp_core import runs
+from cdsp_core.runs import QUALITY_KEYS
 from service.client import Client
 from service.ray_head import EmbeddedHead
 from tests.service.conftest import TOKEN, wait_until
@@ -77,9 +78,14 @@ def test_a_tiny_pipeline_runs_through_the_service(service: ServiceProcess, tiny_
         assert done["progress"]["epochs_done"] == done["progress"]["epochs_total"] == 2
         result = done["result"]
         assert 0.0 <= result["miou"] <= 100.0 and len(result["per_class_iou"]) == 3
+        # The pseudo-labels' quality beside the trivial label's, on all and on unscribbled pixels.
+        assert all(0.0 <= result[k] <= 100.0 for k in QUALITY_KEYS)
         metrics = client.http.get(f"/v1/experiments/{exp['id']}/metrics").json()["items"]
-        assert {m["stage"] for m in metrics} >= {"stage1", "stage2"}
+        assert {m["stage"] for m in metrics} >= {"stage1", "pseudo_labels", "stage2"}
         assert any("miou" in m for m in metrics)
+        assert "cls_map" in next(m for m in metrics if m["stage"] == "stage1")  # the classifier, per epoch
+        (quality,) = [m for m in metrics if m["stage"] == "pseudo_labels"]
+        assert {k: quality[k] for k in QUALITY_KEYS} == {k: result[k] for k in QUALITY_KEYS}
         name = result["checkpoint"].rsplit("/", 1)[-1]
         dest, digest = client.download_checkpoint(exp["id"], name, tmp_path / name)
         on_disk = runs.local_path(runs.join(done["run_dir"], result["checkpoint"])).read_bytes()

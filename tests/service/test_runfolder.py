@@ -29,6 +29,20 @@ def test_total_epochs_counts_the_stages_the_spec_runs(kind: str, extra: dict[str
     assert runfolder.total_epochs(validate_spec(raw)) == total
 
 
+def test_stage1_rounds_count_their_epochs() -> None:
+    raw = small_spec(kind="pipeline")
+    raw["stage1"].update(epochs=3, method="dense", rounds=3, round_epochs=2)
+    raw["stage2"]["epochs"] = 4
+    spec = validate_spec(raw)
+    assert runfolder.total_epochs(spec) == 3 + 2 * 2 + 4
+    rows = [
+        {"stage": "stage1", "epoch": 3}, {"stage": "pseudo_labels", "round": 1},
+        {"stage": "stage1-round2", "epoch": 2}, {"stage": "pseudo_labels", "round": 2},
+        {"stage": "stage1-round3", "epoch": 1},
+    ]  # fmt: skip
+    assert runfolder.epochs_done(spec, rows) == (3 + 2 + 1, "stage1-round3")
+
+
 def test_stage1_rule_agrees_with_the_pipeline() -> None:
     from cdsp_core.pipeline import runs_stage1  # imports torch: fine in a test, not in the service
 

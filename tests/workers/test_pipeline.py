@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from cdsp_core import runs
+from cdsp_core.runs import QUALITY_KEYS
 from tests.workers.helpers import last_line, run_entrypoint, tiny_spec
 
 
@@ -19,7 +20,8 @@ from tests.workers.helpers import last_line, run_entrypoint, tiny_spec
 @pytest.mark.timeout(420)
 def test_full_pipeline_then_rerun_returns_at_once(ray_cluster: Any, tiny_synth: Path, tmp_path: Path) -> None:
     config, out = tmp_path / "tiny.yaml", tmp_path / "run"
-    config.write_text(tiny_spec(tiny_synth).to_yaml())
+    # Two stage-1 rounds: the second trains on the first's pseudo-labels, which both ranks labelled.
+    config.write_text(tiny_spec(tiny_synth, stage1__rounds=2, stage1__round_epochs=1).to_yaml())
     start = time.perf_counter()
     cli = ["-m", "cdsp_core.cli", "run", str(config), "--out", str(out), "--set", "stage2.epochs=1"]
     proc = run_entrypoint([*cli, "--ray", ray_cluster.address], timeout=360)
@@ -35,15 +37,21 @@ def test_full_pipeline_then_rerun_returns_at_once(ray_cluster: Any, tiny_synth: 
     assert labels == sorted(train_ids)  # every rank's share is there
     assert (out / "pseudo_labels" / ".complete").is_file()
     rows = runs.read_jsonl(str(out / runs.METRICS))
-    assert [r["stage"] for r in rows] == ["stage1", "pseudo_labels", "stage2"]
-    assert rows[0]["step"] == 2 and rows[2]["step"] == 2  # 8 images over 2 ranks of batch 2
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["stage1-epoch001.pt", "stage2-epoch001.pt"]
+    assert [r["stage"] for r in rows] == ["stage1", "pseudo_labels", "stage1-round2", "pseudo_labels", "stage2"]
+    assert [r["round"] for r in rows if r["stage"] == "pseudo_labels"] == [1, 2]
+    assert all(r["step"] == 2 for r in rows if "step" in r)  # 8 images over 2 ranks of batch 2
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "stage1-epoch001.pt", "stage1-round2-epoch001.pt", "stage2-epoch001.pt"
+    ]  # fmt: skip
+    first_round = sorted(p.stem for p in (out / "pseudo_labels-round1").glob("*.png"))
+    assert first_round == sorted(train_ids)  # round 2 trained on every rank's share of round 1
     result = json.loads((out / "result.json").read_text())
-    assert set(result) == {"name", "kind", "miou", "pseudo_label_miou", "per_class_iou", "checkpoint", "epochs",
+    assert set(result) == {"name", "kind", "miou", *QUALITY_KEYS, "per_class_iou", "checkpoint", "epochs",
                            "duration_s"}  # fmt: skip
-    assert result["epochs"] == {"stage1": 1, "stage2": 1}
-    assert result["pseudo_label_miou"] == rows[1]["pseudo_label_miou"]
-    assert result["miou"] == rows[2]["miou"]
+    assert result["epochs"] == {"stage1": 2, "stage2": 1}
+    assert all(result[k] == rows[3][k] and 0 <= result[k] <= 100 for k in QUALITY_KEYS)  # the last round's
+    assert rows[3]["seconds_per_image"] > 0 and "cls_map" in rows[0]
+    assert result["miou"] == rows[4]["miou"]
     assert {"samples.png", "miou.png", "loss.png"} <= {p.name for p in (out / "figures").iterdir()}
 
     # The same command on the finished folder: answered from result.json, nothing trained or rewritten.

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from cdsp_core import runs
+from cdsp_core.runs import QUALITY_KEYS
 from tests.workers.helpers import last_line, run_entrypoint, tiny_spec
 
 
@@ -57,7 +58,9 @@ def test_grid_search_2x2(ray_cluster: Any, tiny_synth: Path, tmp_path: Path) -> 
     assert saved["miou"] == best["miou"] and saved["best_trial"] in {t["trial"] for t in trials}
     assert saved["params"] == next(t["params"] for t in trials if t["trial"] == saved["best_trial"])
     assert saved["checkpoint"].startswith(f"trials/{saved['best_trial']}/checkpoints/")
-    assert saved["pseudo_label_miou"] == rows[1]["pseudo_label_miou"]
+    assert all(saved[k] == rows[1][k] for k in QUALITY_KEYS)  # the shared pseudo-labels' quality
+    assert all(json.loads((out / "trials" / t["trial"] / "result.json").read_text())["trivial_label_miou"]
+               == rows[1]["trivial_label_miou"] for t in trials)  # fmt: skip
     assert {"lambda_heatmap.png", "trials.png"} <= {p.name for p in (out / "figures").iterdir()}
 
 

@@ -49,5 +49,7 @@ def test_two_worker_ddp_stage2(ray_cluster: Any, tiny_synth: Path, tmp_path: Pat
     assert result["kind"] == "stage2" and result["epochs"] == {"stage2": 2}
     assert result["checkpoint"] == "checkpoints/stage2-epoch002.pt"
     assert result["pseudo_label_miou"] == pytest.approx(100.0)  # ground truth against itself
+    assert result["pseudo_label_unscribbled_miou"] == pytest.approx(100.0)
+    assert result["trivial_label_miou"] < 100.0  # the scribbles plus background miss the object extents
     assert result["miou"] == rows[-1]["miou"]  # the all-reduced evaluation of the last epoch
     assert len(result["per_class_iou"]) == 3
