@@ -128,7 +128,9 @@ def fit(
     state = load_checkpoint(resume) if resume is not None else None
     if state is not None:
         model.load_state_dict(state["model"])
-    model = runner.prepare_model(model)
+    # On the runner's device before the host wraps it: the default hook is the identity, and Ray's
+    # would move it anyway. Batches follow `runner.device` too (`_to`).
+    model = runner.prepare_model(model.to(runner.device))
     optimizer = make_optimizer(unwrap(model))
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])

@@ -171,3 +171,38 @@ def test_dataset_problems_fail_before_training(tmp_path, tiny_synth):
     with pytest.raises(ValueError, match="JPEGImages"):
         run_pipeline(spec, str(tmp_path / "run"), figures=False)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_model_and_batches_share_the_runners_device(tiny_synth, tmp_path, monkeypatch, stage):
+    """The plain runner's model goes where its batches go (a one-GPU `cdsp run` crashed when it did not).
+
+    CPU-only machines give the runner the meta device: a model left on the CPU would meet meta
+    batches. The model's first forward pass compares the devices, then stops the run.
+    """
+    from cdsp_core import engine
+
+    def checked(build):
+        def build_and_watch(*args, **kwargs):
+            model = build(*args, **kwargs)
+
+            def compare(module, inputs):
+                weights = next(module.parameters()).device
+                assert inputs[0].device == weights == torch.device("meta"), (inputs[0].device, weights)
+                raise Interrupt("same device")
+
+            model.register_forward_pre_hook(compare)
+            return model
+
+        return build_and_watch
+
+    monkeypatch.setattr(engine, "build_stage1_model", checked(engine.build_stage1_model))
+    monkeypatch.setattr(engine, "build_stage2_model", checked(engine.build_stage2_model))
+    spec = tiny_spec(tiny_synth, **{"stage1.method": "dense"})
+    runner = Runner(run=str(tmp_path), device=torch.device("meta"), progress=False)
+    scribbles = tiny_synth / "pascal_2012_scribble"
+    with pytest.raises(Interrupt, match="same device"):
+        if stage == "stage1":
+            engine.train_classifier(spec, runner, scribble_dir=scribbles)
+        else:
+            engine.train_segmentor(spec, runner, scribble_dir=scribbles, pseudo_dir=tiny_synth / "SegmentationClassAug")
