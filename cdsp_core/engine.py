@@ -34,7 +34,7 @@ from cdsp_core.data.dataset import (
 from cdsp_core.data.layout import DatasetError, Layout
 from cdsp_core.losses import LossConfig, cdsp_loss, partial_ce
 from cdsp_core.metrics import ConfusionMatrix
-from cdsp_core.models import build_classifier, build_segmentor
+from cdsp_core.models import build_classifier, build_segmentor, default_rates, scaled_rates
 from cdsp_core.runner import (
     EpochTimer,
     Runner,
@@ -294,12 +294,30 @@ def loss_config(spec: ExperimentSpec) -> LossConfig:
     return LossConfig(**weights, label_smoothing=s2.label_smoothing)
 
 
+def stage2_rates(spec: ExperimentSpec) -> tuple[int, ...]:
+    """The ASPP's 3x3 rates: the spec's, else the head form's scaled to the crop's feature map."""
+    s2 = spec.stage2
+    if s2.aspp_rates is not None:
+        return tuple(s2.aspp_rates)
+    return scaled_rates(
+        default_rates(s2.segmentor, s2.head_form, s2.output_stride), spec.data.crop_size, s2.output_stride
+    )
+
+
+def sync_batchnorm(model: nn.Module, spec: ExperimentSpec, world_size: int) -> nn.Module:
+    """The model with its BatchNorms synchronised across DDP workers when the spec asks and there are several."""
+    if spec.stage2.sync_batchnorm and world_size > 1:
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
 def build_stage2_model(spec: ExperimentSpec) -> nn.Module:
     s2 = spec.stage2
     with_lorm = s2.losses.lorm and s2.loss_weights.lorm > 0
     return build_segmentor(
-        s2.segmentor, s2.backbone, spec.data.num_classes, s2.output_stride, s2.pretrained, with_lorm, s2.lorm_mask
-    )
+        s2.segmentor, s2.backbone, spec.data.num_classes, s2.output_stride, s2.pretrained, with_lorm, s2.lorm_mask,
+        s2.head_form, stage2_rates(spec),
+    )  # fmt: skip
 
 
 def train_segmentor(
@@ -324,7 +342,7 @@ def train_segmentor(
     lay = Layout.from_spec(data)
     val = WholeImageDataset(data, "val", {"gt": lay.gt_dir})
     torch.manual_seed(spec.seed)  # identical initial weights on every rank
-    model = build_stage2_model(spec)
+    model = sync_batchnorm(build_stage2_model(spec), spec, runner.world_size)
     if s2.channels_last:
         model = model.to(memory_format=torch.channels_last)
     torch.manual_seed(spec.seed * 1000 + 17 + runner.rank)  # per-rank augmentation stream

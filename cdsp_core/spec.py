@@ -186,6 +186,20 @@ class Stage2Spec(_Section):
     """`none`, `imagenet` (torchvision cache under TORCH_HOME, never downloaded) or a file path."""
     output_stride: Literal[8, 16] = 8
     """Output stride of the backbone (dilated layer3/layer4 at 8)."""
+    head_form: Literal["textbook", "official"] = "textbook"
+    """`textbook`: DeepLab-v2's sum of dilated 3x3 convs (rates 6/12/18/24); DeepLabV3+ with rates
+    12/24/36 at output stride 8 (6/12/18 at 16), no BatchNorm after image pooling, dropout 0.1.
+    `official`, what the paper's code ran: layer4 multi-grid (1, 2, 4); DeepLabV3+ with rates
+    6/12/18, BatchNorm after image pooling, dropout 0.5; `deeplabv2` as a concatenated ASPP (a 1x1
+    and 3x3 branches at 12/18/24 plus image pooling, K channels each with BatchNorm and ReLU,
+    projected to K with BatchNorm). Needs two images or more per worker (BatchNorm after pooling)."""
+    aspp_rates: list[int] | None = None
+    """Rates of the ASPP's 3x3 branches. Unset: the form's rates above, which are a 465 px crop's,
+    scaled to this crop's feature map (unchanged at 465; 6/12/18 become 1/2/3 for 65 px at stride 8),
+    so that no branch reaches past the map and turns into a 1x1 conv."""
+    sync_batchnorm: bool = False
+    """SyncBatchNorm across the DDP workers (the official code uses it; per-GPU batches of 2-4
+    need it). CUDA only."""
     epochs: int = Field(50, ge=1)
     """Training epochs."""
     batch_size: int = Field(16, ge=1)
@@ -231,6 +245,18 @@ class Stage2Spec(_Section):
         if not v or any(s <= 0 for s in v):
             raise ValueError(f"need a non-empty list of positive scales, got {v}")
         return v
+
+    @field_validator("aspp_rates")
+    @classmethod
+    def _positive_rates(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or any(r < 1 for r in v)):
+            raise ValueError(f"need a non-empty list of rates >= 1, got {v}")
+        return v
+
+
+def feature_size(crop: int, output_stride: int) -> int:
+    """Side of a ResNet's last feature map at this output stride for a square crop (65 -> 9 at 8)."""
+    return (crop - 1) // output_stride + 1
 
 
 class ResourcesSpec(_Section):
@@ -348,6 +374,21 @@ class ExperimentSpec(_Section):
                 )
         if not any(getattr(self.stage2.losses, t) for t in LOSS_TERMS):
             raise ValueError("stage2.losses: every term is off; switch at least one on")
+        s2 = self.stage2
+        side = feature_size(self.data.crop_size, s2.output_stride)
+        if s2.aspp_rates is not None and max(s2.aspp_rates) >= side:
+            raise ValueError(
+                f"stage2.aspp_rates {s2.aspp_rates} reach past the {side}x{side} feature map of a "
+                f"{self.data.crop_size} px crop at output stride {s2.output_stride}: those 3x3 branches "
+                f"would be 1x1 convs; use rates below {side} (or unset them to scale the defaults)"
+            )
+        if s2.head_form == "official" and s2.batch_size // workers < 2:
+            raise ValueError(
+                f"stage2.head_form 'official' normalises the image-pooling branch with BatchNorm, which needs "
+                f"two images or more per worker; stage2.batch_size={s2.batch_size} over {workers} worker(s)"
+            )
+        if s2.sync_batchnorm and not self.resources.use_gpu:
+            raise ValueError("stage2.sync_batchnorm needs resources.use_gpu: SyncBatchNorm runs on CUDA only")
         return self
 
     # ---- helpers -------------------------------------------------------------------------

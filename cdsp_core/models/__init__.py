@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import nn
 
 from cdsp_core.models.backbones import BACKBONES, ResNetBackbone, build_backbone
 from cdsp_core.models.cam import CAMClassifier, DenseClassifier
-from cdsp_core.models.deeplab import DeepLabV2Head, DeepLabV3PlusHead, Segmentor
+from cdsp_core.models.deeplab import (
+    DeepLabV2ConcatHead,
+    DeepLabV2Head,
+    DeepLabV3PlusHead,
+    Segmentor,
+    default_rates,
+    scaled_rates,
+)
 from cdsp_core.models.lorm import LoRM, foreground_mask, rectify
 
 SEGMENTORS = ("deeplabv2", "deeplabv3plus")
+HEAD_FORMS = ("textbook", "official")
 
 
 def build_segmentor(
@@ -20,14 +30,24 @@ def build_segmentor(
     pretrained: str = "none",
     lorm: bool = True,
     lorm_mask: str = "query",
+    head_form: str = "textbook",
+    rates: Sequence[int] | None = None,
 ) -> Segmentor:
-    """DeepLabV2 or DeepLabV3+ on a ResNet, with LoRM on layer4 when `lorm` is on."""
-    trunk = build_backbone(backbone, output_stride, pretrained)
+    """DeepLabV2 or DeepLabV3+ on a ResNet, with LoRM on layer4 when `lorm` is on.
+
+    `head_form` picks the textbook heads or the official code's (with layer4's multi-grid);
+    `rates` are the ASPP's 3x3 rates (default: the form's, for a 465 px crop).
+    """
+    if head_form not in HEAD_FORMS:
+        raise ValueError(f"unknown head form {head_form!r}; valid: {list(HEAD_FORMS)}")
+    official = head_form == "official"
+    trunk = build_backbone(backbone, output_stride, pretrained, multi_grid=official)
+    rates = tuple(rates) if rates is not None else default_rates(segmentor, head_form, output_stride)
     head: nn.Module
     if segmentor == "deeplabv2":
-        head = DeepLabV2Head(trunk.out_channels, num_classes)
+        head = (DeepLabV2ConcatHead if official else DeepLabV2Head)(trunk.out_channels, num_classes, rates)
     elif segmentor == "deeplabv3plus":
-        head = DeepLabV3PlusHead(trunk.out_channels, trunk.low_channels, num_classes, output_stride)
+        head = DeepLabV3PlusHead(trunk.out_channels, trunk.low_channels, num_classes, rates, official)
     else:
         raise ValueError(f"unknown segmentor {segmentor!r}; valid: {list(SEGMENTORS)}")
     module = LoRM(trunk.out_channels, mask_on=lorm_mask) if lorm else None  # type: ignore[arg-type]
@@ -49,9 +69,11 @@ def build_classifier(
 
 __all__ = [
     "BACKBONES",
+    "HEAD_FORMS",
     "SEGMENTORS",
     "STAGE1_METHODS",
     "CAMClassifier",
+    "DeepLabV2ConcatHead",
     "DeepLabV2Head",
     "DeepLabV3PlusHead",
     "DenseClassifier",
@@ -61,6 +83,8 @@ __all__ = [
     "build_backbone",
     "build_classifier",
     "build_segmentor",
+    "default_rates",
     "foreground_mask",
     "rectify",
+    "scaled_rates",
 ]

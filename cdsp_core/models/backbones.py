@@ -25,36 +25,44 @@ BACKBONES: dict[str, tuple[Callable[..., tvm.ResNet], tuple[tvm.WeightsEnum, ...
 }
 
 
-def _dilate(layer: nn.Module, dilation: int) -> None:
-    """Turn a strided ResNet stage into a dilated one: stride 1, every 3x3 conv dilated.
+def _dilate(layer: nn.Sequential, dilation: int, grid: tuple[int, ...] = (1,)) -> None:
+    """Turn a strided ResNet stage into a dilated one: stride 1, the 3x3 convs of block i dilated
+    by `dilation * grid[i]` (the last grid value for later blocks; (1, 2, 4) is DeepLab's multi-grid).
 
     Done on the built modules so that it works for BasicBlock (resnet18/34) too, which
     torchvision's `replace_stride_with_dilation` refuses.
     """
-    for m in layer.modules():
-        if isinstance(m, nn.Conv2d):
-            if m.stride == (2, 2):
-                m.stride = (1, 1)
-            if m.kernel_size == (3, 3):
-                m.dilation = (dilation, dilation)
-                m.padding = (dilation, dilation)
+    for i, block in enumerate(layer):
+        rate = dilation * grid[min(i, len(grid) - 1)]
+        for m in block.modules():
+            if isinstance(m, nn.Conv2d):
+                if m.stride == (2, 2):
+                    m.stride = (1, 1)
+                if m.kernel_size == (3, 3):
+                    m.dilation = (rate, rate)
+                    m.padding = (rate, rate)
+
+
+MULTI_GRID = (1, 2, 4)
+"""Dilation multipliers of layer4's three blocks in the official code (rates 4, 8, 16 at output stride 8)."""
 
 
 class ResNetBackbone(nn.Module):
     """ResNet trunk returning the low-level (layer1) and last (layer4) feature maps."""
 
-    def __init__(self, resnet: tvm.ResNet, output_stride: int):
+    def __init__(self, resnet: tvm.ResNet, output_stride: int, multi_grid: bool = False):
         super().__init__()
         if output_stride not in (8, 16):
             raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
         self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool)
         self.layer1, self.layer2 = resnet.layer1, resnet.layer2
         self.layer3, self.layer4 = resnet.layer3, resnet.layer4
+        grid = MULTI_GRID if multi_grid else (1,)
         if output_stride == 8:
             _dilate(self.layer3, 2)
-            _dilate(self.layer4, 4)
+            _dilate(self.layer4, 4, grid)
         else:
-            _dilate(self.layer4, 2)
+            _dilate(self.layer4, 2, grid)
         self.output_stride = output_stride
         self.low_channels = _out_channels(self.layer1)
         self.out_channels = _out_channels(self.layer4)
@@ -111,7 +119,9 @@ def _lookup(name: str) -> tuple[Callable[..., tvm.ResNet], tuple[tvm.WeightsEnum
     return BACKBONES[name]
 
 
-def build_backbone(name: str, output_stride: int = 8, pretrained: str = "none") -> ResNetBackbone:
+def build_backbone(
+    name: str, output_stride: int = 8, pretrained: str = "none", multi_grid: bool = False
+) -> ResNetBackbone:
     """A ResNet backbone; `pretrained` is `none`, `imagenet` (local cache) or a weight file."""
     ctor, _ = _lookup(name)
     resnet = ctor(weights=None)
@@ -119,4 +129,4 @@ def build_backbone(name: str, output_stride: int = 8, pretrained: str = "none") 
         load_backbone_weights(resnet, imagenet_weights_path(name))
     elif pretrained != "none":
         load_backbone_weights(resnet, pretrained)
-    return ResNetBackbone(resnet, output_stride)
+    return ResNetBackbone(resnet, output_stride, multi_grid)

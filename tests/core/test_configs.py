@@ -53,5 +53,8 @@ def test_paper_recipes():
     ablation = load_spec(CONFIGS[0].parent / "voc-r50-v2.yaml")
     assert (ablation.stage2.lambda_s, ablation.stage2.lambda_c) == (1.0, 6.0)
     assert (ablation.stage2.segmentor, ablation.stage2.backbone) == ("deeplabv2", "resnet50")
+    # The heads the paper's numbers came from, and its plain CAM stage 1.
+    assert best.stage2.head_form == ablation.stage2.head_form == "official"
+    assert best.stage1.method == ablation.stage1.method == "cam" and best.stage1.refine == "none"
     demo = load_spec(CONFIGS[0].parent / "synthetic-demo.yaml")
     assert demo.data.root == "data/synthetic" and demo.data.num_classes == 5

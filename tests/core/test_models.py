@@ -5,11 +5,22 @@ import math
 import pytest
 import torch
 import torchvision.models as tvm
+from torch import nn
 
 from cdsp_core.losses import lorm_loss
-from cdsp_core.models import BACKBONES, SEGMENTORS, build_backbone, build_classifier, build_segmentor
+from cdsp_core.models import (
+    BACKBONES,
+    HEAD_FORMS,
+    SEGMENTORS,
+    build_backbone,
+    build_classifier,
+    build_segmentor,
+    default_rates,
+    scaled_rates,
+)
 from cdsp_core.models.backbones import imagenet_weights_path
 from cdsp_core.models.cam import LSE_R, lse_pool
+from cdsp_core.models.deeplab import ASPP, DeepLabV2ConcatHead, DeepLabV2Head
 
 K = 3
 
@@ -17,9 +28,11 @@ K = 3
 @pytest.mark.slow
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))
 @pytest.mark.parametrize("segmentor", SEGMENTORS)
-def test_every_backbone_and_head_trains(segmentor, backbone):
+@pytest.mark.parametrize("form", HEAD_FORMS)
+def test_every_backbone_and_head_trains(segmentor, backbone, form):
     torch.manual_seed(0)
-    model = build_segmentor(segmentor, backbone, K, output_stride=8, lorm=True).train()
+    model = build_segmentor(segmentor, backbone, K, output_stride=8, lorm=True, head_form=form, rates=(1, 2, 3))
+    model.train()
     images = torch.randn(2, 3, 48, 48)
     pseudo = torch.randint(0, K, (2, 48, 48))
     out = model(images, pseudo)
@@ -111,8 +124,65 @@ def test_imagenet_weights_come_from_the_torchvision_cache_never_a_download(tmp_p
     torch.testing.assert_close(trunk.stem[0].weight, ref.conv1.weight)
 
 
+def _dilations(layer: nn.Sequential) -> list[int]:
+    """The dilation of each block's last 3x3 conv."""
+    return [
+        [m for m in b.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)][-1].dilation[0] for b in layer
+    ]
+
+
+def test_the_official_heads_are_those_the_papers_code_ran():
+    v3 = build_segmentor("deeplabv3plus", "resnet50", 21, 8, head_form="official")
+    aspp = v3.head.aspp
+    assert isinstance(aspp, ASPP)
+    assert [b[0].dilation[0] for b in aspp.branches] == [1, 6, 12, 18]  # a 1x1, then rates 6/12/18 at stride 8
+    assert isinstance(aspp.pool[2], nn.BatchNorm2d) and aspp.pool[1].bias is None  # BN after image pooling
+    assert aspp.project[1].p == 0.5
+    assert _dilations(v3.backbone.layer4) == [4, 8, 16]  # multi-grid (1, 2, 4)
+    v2 = build_segmentor("deeplabv2", "resnet50", 21, 8, head_form="official")
+    assert isinstance(v2.head, DeepLabV2ConcatHead)
+    aspp = v2.head.aspp
+    assert [b[0].dilation[0] for b in aspp.branches] == [1, 12, 18, 24]
+    assert all(b[0].out_channels == 21 and isinstance(b[1], nn.BatchNorm2d) for b in aspp.branches)  # K wide
+    project = list(aspp.project)
+    assert project[0].in_channels == 5 * 21 and project[0].out_channels == 21
+    assert isinstance(project[-1], nn.BatchNorm2d)  # logits: no ReLU after the projection
+    # The textbook forms, for comparison.
+    text = build_segmentor("deeplabv3plus", "resnet50", 21, 8)
+    assert [b[0].dilation[0] for b in text.head.aspp.branches] == [1, 12, 24, 36]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in text.head.aspp.pool) and text.head.aspp.project[1].p == 0.1
+    assert _dilations(text.backbone.layer4) == [4, 4, 4]
+    assert isinstance(build_segmentor("deeplabv2", "resnet50", 21, 8).head, DeepLabV2Head)
+
+
+def test_rates_scale_with_the_feature_map():
+    assert default_rates("deeplabv3plus", "official", 8) == (6, 12, 18)
+    assert default_rates("deeplabv3plus", "textbook", 16) == (6, 12, 18)
+    assert scaled_rates((6, 12, 18), 465, 8) == (6, 12, 18)  # the reference crop: unchanged
+    assert scaled_rates((6, 12, 18), 65, 8) == (1, 2, 3)  # 9x9 features instead of 59x59
+    assert scaled_rates((12, 24, 36), 65, 8) == (2, 4, 5)
+    assert scaled_rates((6, 12, 18), 65, 16) == (1, 2, 3)  # 5x5 instead of 30x30
+
+
 def test_unknown_names_list_the_valid_ones():
     with pytest.raises(ValueError, match="resnet101"):
         build_backbone("resnet99")
     with pytest.raises(ValueError, match="deeplabv3plus"):
         build_segmentor("unet", "resnet18", K)
+    with pytest.raises(ValueError, match="official"):
+        build_segmentor("deeplabv2", "resnet18", K, head_form="paper")
+
+
+def test_sync_batchnorm_only_when_asked_and_distributed():
+    from cdsp_core.engine import build_stage2_model, sync_batchnorm
+    from cdsp_core.spec import validate_spec
+
+    raw = {"data": {"crop_size": 65}, "stage2": {"backbone": "resnet18", "sync_batchnorm": True}}
+    spec = validate_spec({**raw, "resources": {"use_gpu": True}})
+    model = build_stage2_model(spec)
+    assert sync_batchnorm(model, spec, world_size=1) is model  # one worker: nothing to synchronise
+    synced = sync_batchnorm(build_stage2_model(spec), spec, world_size=2)
+    kinds = {type(m) for m in synced.modules()}
+    assert nn.SyncBatchNorm in kinds and nn.BatchNorm2d not in kinds
+    plain = validate_spec({**raw, "stage2": {"backbone": "resnet18"}})
+    assert nn.SyncBatchNorm not in {type(m) for m in sync_batchnorm(build_stage2_model(plain), plain, 2).modules()}

@@ -151,6 +151,25 @@ def test_kind_stage2_needs_pseudo_labels_while_pseudo_terms_are_on():
     assert validate_spec({"kind": "stage2", "data": {"pseudo_label_dir": "/x"}}).needs_pseudo_labels
 
 
+def test_head_choices_are_checked_against_the_crop_and_the_workers():
+    msg = str(SpecError(errors_of({"data": {"crop_size": 65}, "stage2": {"aspp_rates": [6, 12, 18]}})))
+    assert "stage2.aspp_rates [6, 12, 18]" in msg and "9x9 feature map of a 65 px crop" in msg
+    assert validate_spec({"data": {"crop_size": 65}, "stage2": {"aspp_rates": [1, 2, 3]}}).stage2.aspp_rates == [1, 2, 3]
+    assert validate_spec({"data": {"crop_size": 65}}).stage2.aspp_rates is None  # unset: scaled by the engine
+    assert "stage2.aspp_rates" in paths_of({"stage2": {"aspp_rates": [0, 2]}})
+    one_each = {"stage2": {"head_form": "official", "batch_size": 4}, "resources": {"num_workers": 4}}
+    assert "two images or more per worker" in str(SpecError(errors_of(one_each)))
+    assert "use_gpu" in str(SpecError(errors_of({"stage2": {"sync_batchnorm": True}})))
+    assert validate_spec({"stage2": {"sync_batchnorm": True}, "resources": {"use_gpu": True}}).stage2.sync_batchnorm
+
+
+def test_stage1_rounds_need_the_dense_maps():
+    msg = str(SpecError(errors_of({"stage1": {"method": "cam", "rounds": 2}})))
+    assert "stage1" in msg and "rounds=2 needs method 'dense'" in msg
+    spec = validate_spec({"stage1": {"rounds": 3, "epochs": 5, "round_epochs": 2}})
+    assert spec.stage1.total_epochs == 5 + 2 * 2
+
+
 def test_all_losses_off_is_rejected():
     msg = str(SpecError(errors_of({"stage2": {"losses": dict.fromkeys(LOSS_TERMS, False)}})))
     assert "stage2.losses" in msg
