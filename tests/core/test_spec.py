@@ -154,7 +154,8 @@ def test_kind_stage2_needs_pseudo_labels_while_pseudo_terms_are_on():
 def test_head_choices_are_checked_against_the_crop_and_the_workers():
     msg = str(SpecError(errors_of({"data": {"crop_size": 65}, "stage2": {"aspp_rates": [6, 12, 18]}})))
     assert "stage2.aspp_rates [6, 12, 18]" in msg and "9x9 feature map of a 65 px crop" in msg
-    assert validate_spec({"data": {"crop_size": 65}, "stage2": {"aspp_rates": [1, 2, 3]}}).stage2.aspp_rates == [1, 2, 3]
+    small = validate_spec({"data": {"crop_size": 65}, "stage2": {"aspp_rates": [1, 2, 3]}})
+    assert small.stage2.aspp_rates == [1, 2, 3]
     assert validate_spec({"data": {"crop_size": 65}}).stage2.aspp_rates is None  # unset: scaled by the engine
     assert "stage2.aspp_rates" in paths_of({"stage2": {"aspp_rates": [0, 2]}})
     one_each = {"stage2": {"head_form": "official", "batch_size": 4}, "resources": {"num_workers": 4}}
