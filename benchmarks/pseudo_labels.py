@@ -81,7 +81,7 @@ def main() -> None:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     data = Path(args.data)
     if not (data / "meta.json").is_file():
-        generate(data, 400, 60, 64, 8, 0, workers=2)
+        generate(data, 400, 60, 65, 8, 0, workers=2)
     with tempfile.TemporaryDirectory() as tmp:
         ids = (data / "ImageSets/SegmentationAug/train.txt").read_text().split()[: args.images]
         subset = Path(tmp) / "train.txt"

@@ -429,7 +429,7 @@ def main() -> None:
     parser.add_argument("--data", default=str(ROOT / "data/synthetic-study"))
     parser.add_argument("--runs", default=str(ROOT / "runs/synthetic-accuracy"))
     parser.add_argument("--results", default=str(ROOT / "benchmarks/results"))
-    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--size", type=int, default=65)
     parser.add_argument("--train", type=int, default=400)
     parser.add_argument("--val", type=int, default=60)
     parser.add_argument("--classes", type=int, default=8)

@@ -79,7 +79,7 @@ def dense_probs(model: nn.Module, images: torch.Tensor, present: torch.Tensor, s
     for s in scales:
         x = _resize(images, s)
         maps = model.maps(torch.cat([x, x.flip(-1)]))  # type: ignore[operator]
-        maps = F.interpolate(maps.float(), size=size, mode="bilinear", align_corners=False)
+        maps = F.interpolate(maps.float(), size=size, mode="bilinear", align_corners=True)
         probs = restrict_to_present(maps, both_present).softmax(1)
         total = total + probs[:n] + probs[n:].flip(-1)
         count += 2

@@ -37,18 +37,26 @@ def data_synth(
     root: RootOpt = Path("data/synthetic"),
     train: Annotated[int, typer.Option(help="Training images.")] = 400,
     val: Annotated[int, typer.Option(help="Validation images.")] = 60,
-    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 96,
+    size: Annotated[
+        int, typer.Option(help="Image side in pixels (65 = 8 x 8 + 1: features line up with pixels).")
+    ] = 65,
     classes: Annotated[int, typer.Option("--classes", help="Classes including background.")] = 5,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     workers: Annotated[int, typer.Option(help="Processes used to render.")] = 2,
+    objects: Annotated[str, typer.Option(help="Objects per image: N, or MIN-MAX.")] = "2-3",
     preview: Annotated[bool, typer.Option(help="Write preview.png (image, truth, scribble, d_s, d_c).")] = True,
 ) -> None:
     """Generate the synthetic dataset (deterministic per seed) and a preview figure."""
     from cdsp_core.data.synthetic import generate
     from cdsp_core.figures import dataset_preview
 
+    low, _, high = objects.partition("-")
     try:
-        stats = generate(root, train, val, size, classes, seed, workers=workers)
+        counts = (int(low), int(high or low))
+    except ValueError:
+        fail(f"--objects must be N or MIN-MAX (e.g. 1 or 2-3), got {objects!r}")
+    try:
+        stats = generate(root, train, val, size, classes, seed, workers=workers, objects=counts)
     except ValueError as exc:
         fail(str(exc))
     console.print(

@@ -49,7 +49,8 @@ from cdsp_core.runner import (
 from cdsp_core.spec import LOSS_TERMS, ExperimentSpec
 
 Batch = dict[str, Any]
-LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+LossFn = Callable[[nn.Module, Batch, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+"""(model, batch, optimizer step) -> (loss, detached terms)."""
 
 
 def epoch_seed(seed: int, stage: str, rank: int, epoch: int) -> int:
@@ -159,7 +160,7 @@ def fit(
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
             with autocast(runner.device, amp):
-                loss, terms = compute_loss(model, batch)
+                loss, terms = compute_loss(model, batch, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -291,7 +292,7 @@ def loss_config(spec: ExperimentSpec) -> LossConfig:
     """Weights of the switched-on terms (a switched-off term has weight 0)."""
     s2 = spec.stage2
     weights = {t: getattr(s2.loss_weights, t) if getattr(s2.losses, t) else 0.0 for t in LOSS_TERMS}
-    return LossConfig(**weights, label_smoothing=s2.label_smoothing)
+    return LossConfig(**weights, label_smoothing=s2.label_smoothing, lorm_background_rows=s2.lorm_background_rows)
 
 
 def stage2_rates(spec: ExperimentSpec) -> tuple[int, ...]:
@@ -316,7 +317,7 @@ def build_stage2_model(spec: ExperimentSpec) -> nn.Module:
     with_lorm = s2.losses.lorm and s2.loss_weights.lorm > 0
     return build_segmentor(
         s2.segmentor, s2.backbone, spec.data.num_classes, s2.output_stride, s2.pretrained, with_lorm, s2.lorm_mask,
-        s2.head_form, stage2_rates(spec),
+        s2.head_form, stage2_rates(spec), s2.lorm_temperature,
     )  # fmt: skip
 
 
@@ -348,8 +349,9 @@ def train_segmentor(
     torch.manual_seed(spec.seed * 1000 + 17 + runner.rank)  # per-rank augmentation stream
     loader = make_train_loader(dataset, s2.batch_size, data.loader_workers, runner, "stage 2")
     uses_pseudo_in_model = "lorm" in active
+    lorm_warmup_steps = s2.lorm_warmup_epochs * len(loader)
 
-    def compute_loss(net: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def compute_loss(net: nn.Module, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         t = _to(batch, runner.device, ("image", "scribble", "pseudo", "dist_s", "dist_c"))
         images = t["image"]
         if s2.channels_last:
@@ -364,6 +366,8 @@ def train_segmentor(
             t.get("dist_c"),
             out.get("features"),
             out.get("rectified"),
+            out.get("foreground"),
+            lorm_scale=min(1.0, step / lorm_warmup_steps) if lorm_warmup_steps else 1.0,
         )
 
     def make_optimizer(net: nn.Module) -> torch.optim.Optimizer:
@@ -429,9 +433,9 @@ def stage1_loss(
     if "maps" not in out or dense_weight == 0:
         return image, {"image": image.detach()}
     scribble = batch["scribble"]
-    # Upsampled before the restriction: interpolating -inf would give NaN. As at inference
-    # (cdsp_core.cam.dense_probs), align_corners=False.
-    maps = F.interpolate(out["maps"].float(), size=scribble.shape[-2:], mode="bilinear", align_corners=False)
+    # Upsampled before the restriction: interpolating -inf would give NaN. align_corners=True as
+    # everywhere in stage 2 and at inference (cdsp_core.cam.dense_probs): exact for s*k+1 pixels.
+    maps = F.interpolate(out["maps"].float(), size=scribble.shape[-2:], mode="bilinear", align_corners=True)
     dense = partial_ce(restrict_to_present(maps, batch["present"]), scribble)
     return image + dense_weight * dense, {"image": image.detach(), "dense": dense.detach()}
 
@@ -526,7 +530,7 @@ def train_classifier(
     loader = make_train_loader(dataset, s1.batch_size, data.loader_workers, runner, "stage 1")
     lr = s1.round_lr if later else s1.lr
 
-    def compute_loss(net: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def compute_loss(net: nn.Module, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         t = _to(batch, runner.device, ("image", "labels", "known", "present", "scribble"))
         return stage1_loss(net(t["image"]), t, s1.dense_weight)
 

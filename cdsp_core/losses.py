@@ -61,9 +61,15 @@ def distance_entropy(logits: torch.Tensor, dist_map: torch.Tensor) -> torch.Tens
     return -e.sum() / count
 
 
-def lorm_loss(features: torch.Tensor, rectified: torch.Tensor) -> torch.Tensor:
-    """LoRM loss (Eq. 13): sum (F - F_hat)^2 / count_nonzero((F - F_hat)^2). Nothing detached."""
+def lorm_loss(features: torch.Tensor, rectified: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """LoRM loss (Eq. 13): sum (F - F_hat)^2 / count_nonzero((F - F_hat)^2). Nothing detached.
+
+    `rows` (B, h, w) bool keeps only those positions (e.g. the foreground: in the official query
+    masking F_hat is 0 on background rows, where the loss then pulls F itself towards 0).
+    """
     sq = (features.float() - rectified.float()) ** 2
+    if rows is not None:
+        sq = sq * rows.unsqueeze(1).to(sq.dtype)
     count = torch.count_nonzero(sq.detach())
     if int(count) == 0:
         return sq.sum() * 0.0
@@ -80,6 +86,8 @@ class LossConfig:
     dc: float = 1.0
     lorm: float = 1.0
     label_smoothing: float = 0.1
+    lorm_background_rows: bool = True
+    """Whether background positions count in the LoRM loss (the official code's, and the default)."""
 
     def active(self) -> dict[str, float]:
         return {t: w for t in ("segs", "segc", "ds", "dc", "lorm") if (w := getattr(self, t)) > 0}
@@ -94,8 +102,13 @@ def cdsp_loss(
     dist_c: torch.Tensor | None = None,
     features: torch.Tensor | None = None,
     rectified: torch.Tensor | None = None,
+    foreground: torch.Tensor | None = None,
+    lorm_scale: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The full CDSP objective. Returns the total and each active term's detached value.
+
+    `foreground` (B, h, w) is the LoRM rows' mask (needed unless `cfg.lorm_background_rows`);
+    `lorm_scale` multiplies the LoRM weight (a warm-up).
 
     The terms stay tensors so that a training loop can accumulate them on the device and
     synchronise once per logging interval rather than once per term and step.
@@ -113,7 +126,9 @@ def cdsp_loss(
     if "dc" in active:
         terms["dc"] = distance_entropy(logits, _required(dist_c, "dist_c"))
     if "lorm" in active:
-        terms["lorm"] = lorm_loss(_required(features, "features"), _required(rectified, "rectified"))
+        rows = None if cfg.lorm_background_rows else _required(foreground, "foreground")
+        terms["lorm"] = lorm_loss(_required(features, "features"), _required(rectified, "rectified"), rows)
+        active = {**active, "lorm": active["lorm"] * lorm_scale}
     total = sum((active[t] * v for t, v in terms.items()), start=logits.new_zeros((), dtype=torch.float32))
     return total, {t: v.detach() for t, v in terms.items()}
 

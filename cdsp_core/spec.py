@@ -224,8 +224,16 @@ class Stage2Spec(_Section):
     """Which loss terms are on (ablation, Table 2)."""
     loss_weights: LossWeights = Field(default_factory=LossWeights)
     """Weight of each loss term."""
-    lorm_mask: Literal["query", "key"] = "query"
-    """LoRM foreground mask on the query rows (official code) or on the keys (paper's prose)."""
+    lorm_mask: Literal["query", "key", "class"] = "query"
+    """LoRM foreground mask on the query rows (official code) or on the keys (paper's prose);
+    `class`: on the query rows, and each query attends only to keys of its own pseudo-class."""
+    lorm_temperature: float = Field(1.0, gt=0)
+    """LoRM: the cosine scores are divided by it before the softmax (1: the paper's; below 1 sharpens)."""
+    lorm_background_rows: bool = True
+    """LoRM: whether background positions count in its loss. With query masking their rectified
+    features are 0, so the loss pulls their features towards 0 (the official code's behaviour)."""
+    lorm_warmup_epochs: float = Field(0.0, ge=0)
+    """LoRM: its loss weight ramps up linearly from 0 over these epochs (0: full weight from the start)."""
     amp: bool = True
     """bf16 autocast on CUDA (ignored on CPU)."""
     channels_last: bool = True

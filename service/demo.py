@@ -28,14 +28,22 @@ console = Console(soft_wrap=True)  # paths stay on one line, copyable
 def ensure_dataset(spec: ExperimentSpec) -> None:
     """Generate the synthetic dataset at `data.root` unless a complete one is there."""
     root = Path(spec.data.root)
-    if root.exists() and not check_layout(spec.data):
+    meta = runs.read_json(str(root / "meta.json")) if (root / "meta.json").is_file() else None
+    made_for_another = meta is not None and (meta.get("size"), meta.get("num_classes")) != (
+        spec.data.crop_size,
+        spec.data.num_classes,
+    )
+    if root.exists() and not check_layout(spec.data) and not made_for_another:
         return
-    if root.exists() and any(root.iterdir()):
+    if made_for_another:  # a synthetic dataset of ours, of another size or class count: made again
+        assert meta is not None
+        console.print(f"{root} holds {meta['size']} px images of {meta['num_classes']} classes; generating anew")
+    elif root.exists() and any(root.iterdir()):
         raise SystemExit(f"error: {root} exists but is not a complete dataset: {check_layout(spec.data)}")
     from cdsp_core.data.synthetic import generate
 
     console.print(f"generating the synthetic dataset in {root} ...")
-    stats = generate(root, 400, 60, spec.data.crop_size, spec.data.num_classes, 0)
+    stats = generate(root, 400, 60, spec.data.crop_size, spec.data.num_classes, 0, workers=2)
     console.print(f"  {stats['num_train']} train + {stats['num_val']} val images in {stats['seconds']:.0f} s")
 
 

@@ -296,8 +296,13 @@ def background_strokes(background: np.ndarray, count: int, rng: np.random.Genera
 # ---- one image -------------------------------------------------------------------------------
 
 
-def render(index: int, size: int, num_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(image RGB uint8, ground truth, scribble) of image `index`; deterministic in (seed, index)."""
+def render(
+    index: int, size: int, num_classes: int, seed: int, objects: tuple[int, int] = (2, 3)
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image RGB uint8, ground truth, scribble) of image `index`; deterministic in (seed, index).
+
+    `objects` is the (min, max) number of objects in an image.
+    """
     styles = class_styles(num_classes, seed)
     rng = np.random.default_rng([seed, index])
     img = _background(size, rng)
@@ -305,7 +310,7 @@ def render(index: int, size: int, num_classes: int, seed: int) -> tuple[np.ndarr
     inst = np.zeros((size, size), np.int32)
     # Two or three objects: with enough classes, each class is then absent from most images, so
     # image-level labels carry information (VOC has about 1.5 classes per image out of 20).
-    n_obj = int(rng.integers(2, 4))
+    n_obj = int(rng.integers(objects[0], objects[1] + 1))
     classes = rng.choice(num_classes - 1, size=n_obj, replace=n_obj > num_classes - 1) + 1
     for k, cls in enumerate(classes, start=1):
         style = styles[cls - 1]
@@ -330,9 +335,9 @@ def render(index: int, size: int, num_classes: int, seed: int) -> tuple[np.ndarr
     return image, gt, scribble
 
 
-def _write_one(args: tuple[Path, str, int, int, int, int]) -> tuple[int, int]:
-    root, sample_id, index, size, num_classes, seed = args
-    image, gt, scribble = render(index, size, num_classes, seed)
+def _write_one(args: tuple[Path, str, int, int, int, int, tuple[int, int]]) -> tuple[int, int]:
+    root, sample_id, index, size, num_classes, seed, objects = args
+    image, gt, scribble = render(index, size, num_classes, seed, objects)
     cv2.imwrite(
         str(root / "JPEGImages" / f"{sample_id}.jpg"),
         cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
@@ -347,12 +352,16 @@ def generate(
     root: str | Path,
     num_train: int = 400,
     num_val: int = 60,
-    size: int = 96,
+    size: int = 65,
     num_classes: int = 5,
     seed: int = 0,
     workers: int = 1,
+    objects: tuple[int, int] = (2, 3),
 ) -> dict:
     """Write a synthetic dataset under `root`; returns its statistics (also in `root/meta.json`).
+
+    65 px by default: a side of s*k+1 pixels makes the features at output stride s (4, 8 and 16
+    for 65) line up with pixels 0, s, 2s... under align_corners=True, as 465 and 513 do for VOC.
 
     Deterministic per (seed, size, num_classes): image i of a split is the same whatever the
     split sizes, so a larger dataset extends a smaller one.
@@ -363,6 +372,8 @@ def generate(
         raise ValueError(f"size must be at least 32 px, got {size}")
     if num_classes < 2:
         raise ValueError(f"num_classes counts the background and must be at least 2, got {num_classes}")
+    if not 1 <= objects[0] <= objects[1]:
+        raise ValueError(f"objects per image must be 1 <= min <= max, got {list(objects)}")
     start = time.perf_counter()
     root = Path(root)
     for sub in (
@@ -374,9 +385,9 @@ def generate(
         (root / sub).mkdir(parents=True, exist_ok=True)
     train_ids = [f"train_{i:05d}" for i in range(num_train)]
     val_ids = [f"val_{i:05d}" for i in range(num_val)]
-    jobs = [(root, sid, i, size, num_classes, seed) for i, sid in enumerate(train_ids)]
+    jobs = [(root, sid, i, size, num_classes, seed, objects) for i, sid in enumerate(train_ids)]
     # Validation images draw from a disjoint index range, so the two splits never coincide.
-    jobs += [(root, sid, 1_000_000 + i, size, num_classes, seed) for i, sid in enumerate(val_ids)]
+    jobs += [(root, sid, 1_000_000 + i, size, num_classes, seed, objects) for i, sid in enumerate(val_ids)]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             counts = list(pool.map(_write_one, jobs, chunksize=16))
@@ -392,6 +403,7 @@ def generate(
         "seed": seed,
         "num_train": num_train,
         "num_val": num_val,
+        "objects": list(objects),
         "scribbled_percent": 100.0 * sum(c for c, _ in train_counts) / sum(n for _, n in train_counts),
         "seconds": round(time.perf_counter() - start, 2),
     }

@@ -32,6 +32,7 @@ def build_segmentor(
     lorm_mask: str = "query",
     head_form: str = "textbook",
     rates: Sequence[int] | None = None,
+    lorm_temperature: float = 1.0,
 ) -> Segmentor:
     """DeepLabV2 or DeepLabV3+ on a ResNet, with LoRM on layer4 when `lorm` is on.
 
@@ -50,7 +51,7 @@ def build_segmentor(
         head = DeepLabV3PlusHead(trunk.out_channels, trunk.low_channels, num_classes, rates, official)
     else:
         raise ValueError(f"unknown segmentor {segmentor!r}; valid: {list(SEGMENTORS)}")
-    module = LoRM(trunk.out_channels, mask_on=lorm_mask) if lorm else None  # type: ignore[arg-type]
+    module = LoRM(trunk.out_channels, lorm_mask, lorm_temperature) if lorm else None  # type: ignore[arg-type]
     return Segmentor(trunk, head, num_classes, module)
 
 

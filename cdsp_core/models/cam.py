@@ -67,7 +67,7 @@ class DenseClassifier(nn.Module):
     def maps(self, images: torch.Tensor) -> torch.Tensor:
         """Class-map logits (B, K, H/4, W/4); channel 0 is background."""
         low, high = self.backbone(images)
-        x = F.interpolate(self.reduce_high(high), size=low.shape[-2:], mode="bilinear", align_corners=False)
+        x = F.interpolate(self.reduce_high(high), size=low.shape[-2:], mode="bilinear", align_corners=True)
         return self.classifier(self.fuse(torch.cat([x, self.reduce_low(low)], dim=1)))
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

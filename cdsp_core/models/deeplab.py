@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cdsp_core.models.backbones import ResNetBackbone
-from cdsp_core.models.lorm import LoRM, foreground_mask
+from cdsp_core.models.lorm import LoRM, feature_classes, foreground_mask
 from cdsp_core.spec import feature_size
 
 HeadForm = Literal["textbook", "official"]
@@ -146,8 +146,8 @@ class Segmentor(nn.Module):
     """Backbone + head, with LoRM on the last feature map during training.
 
     forward(images, pseudo) returns {"logits"} and, when LoRM is present, the model is training
-    and a pseudo-label is given, also {"features", "rectified"} for the LoRM loss. Inference
-    never runs LoRM.
+    and a pseudo-label is given, also {"features", "rectified", "foreground"} for the LoRM loss
+    (`foreground`: the pseudo-label's foreground at feature resolution). Inference never runs LoRM.
     """
 
     def __init__(self, backbone: ResNetBackbone, head: nn.Module, num_classes: int, lorm: LoRM | None = None):
@@ -161,9 +161,12 @@ class Segmentor(nn.Module):
         low, high = self.backbone(images)
         out = {"logits": self.head(high, low)}
         if self.lorm is not None and self.training and pseudo is not None:
-            mask = foreground_mask(pseudo, tuple(high.shape[-2:]), self.num_classes)
+            size = (high.shape[-2], high.shape[-1])
+            mask = foreground_mask(pseudo, size, self.num_classes)
+            classes = feature_classes(pseudo, size) if self.lorm.mask_on == "class" else None
             out["features"] = high
-            out["rectified"] = self.lorm(high, mask)
+            out["rectified"] = self.lorm(high, mask, classes)
+            out["foreground"] = mask
         return out
 
     def param_groups(self, lr: float, head_lr_mult: float) -> list[dict]:

@@ -182,6 +182,18 @@ def test_several_objects_occlusion_and_a_stroke_per_visible_object(monkeypatch):
     assert scribbled >= 0.9 * visible_objects and visible_objects >= 12
 
 
+def test_one_object_per_image_variant(tmp_path):
+    """The LoRM study's variant: one object per image, so no image holds two classes."""
+    stats = generate(tmp_path, num_train=12, num_val=2, size=SIZE, num_classes=K, seed=0, objects=(1, 1))
+    assert stats["objects"] == [1, 1]
+    for i in range(12):
+        gt = read(tmp_path / f"SegmentationClassAug/train_{i:05d}.png")
+        assert len(set(np.unique(gt)) - {0}) == 1
+    # The default draws exactly what it drew before the option existed (same images per seed).
+    image, _, _ = render(3, SIZE, K, 0)
+    assert np.array_equal(image, render(3, SIZE, K, 0, objects=(2, 3))[0])
+
+
 def test_colour_alone_does_not_segment(tiny_synth):
     """A nearest-mean-colour classifier per pixel is far from segmenting the images."""
     pixels, labels = [], []
@@ -243,6 +255,8 @@ def test_objects_of_a_class_follow_its_shape_family(monkeypatch):
         ({"num_val": 0}, "at least one train and one val"),
         ({"num_classes": 1}, "at least 2"),
         ({"num_classes": 50}, "at most 49"),
+        ({"objects": (0, 2)}, "1 <= min <= max"),
+        ({"objects": (3, 2)}, "1 <= min <= max"),
     ],
 )
 def test_argument_validation(tmp_path, kwargs, match):
