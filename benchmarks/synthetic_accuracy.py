@@ -1,20 +1,26 @@
-"""Accuracy on the synthetic benchmark: analogues of the paper's Table 2, Table 3 and Fig. 7.
+"""Accuracy on the synthetic benchmark: analogues of the paper's Table 2, Table 3 and Fig. 7, our stage 1,
+a LoRM study and the geometry of small images.
 
-    .venv/bin/python benchmarks/synthetic_accuracy.py            # the whole study (hours on 2 CPU cores)
-    .venv/bin/python benchmarks/synthetic_accuracy.py --only table2-stage1 --epochs 2   # a subset
+    .venv/bin/python benchmarks/pretrain_backbone.py                  # once: the offline stand-in for ImageNet
+    .venv/bin/python benchmarks/synthetic_accuracy.py --seeds 0 1 2   # the whole study (hours on 2 CPU cores)
+    .venv/bin/python benchmarks/synthetic_accuracy.py --only stage1 --epochs 2   # a subset
 
-Every row is one `run_pipeline` call in this process with its own run folder under --runs;
-a row whose folder already holds result.json is not run again, so an interrupted study resumes.
-Writes benchmarks/results/synthetic-accuracy.{md,json} and figures next to them.
+Every row is one `run_pipeline` call in this process with its own run folder under --runs; a row
+whose folder already holds the result of the same spec is not run again, so an interrupted study
+resumes (a folder holding another spec's result is an error: use another --runs). Writes
+benchmarks/results/synthetic-accuracy.{md,json} and figures next to them (accuracy_report.py).
 
 Pseudo-label sources:
   trivial          the trivial label: scribbled pixels keep their class, every other pixel is background
-  stage1:cam       the paper's plain CAM path (a classifier trained from scratch, thresholded CAMs)
+  stage1:cam       the paper's plain CAM path (a classifier, thresholded CAMs)
   stage1:dense     our dense class maps (background channel, partial CE on the scribbles), argmax
-  stage1:dense+rw  the same maps refined by the scribble-seeded random walk (the synthetic recipes' default)
+  stage1:dense+rw  the same maps refined by the scribble-seeded random walk
+  stage1:dense+rw+r2  and a second round (the synthetic recipes' default)
   external@L       ground truth degraded with CAM-like errors at level L (cdsp_core.data.degrade):
                    stands for an external image-level method's output (BMP, AFA, SEAM in Table 3),
                    so it does not depend on the scribbles and stays fixed across shrink/drop variants
+Datasets: `main` (--size px, 2-3 objects per image), `single` (one object per image, for the LoRM
+study) and `64px` (the geometry comparison).
 """
 
 from __future__ import annotations
@@ -22,36 +28,37 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import re
 import shutil
-import statistics
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.accuracy_report import DROP, SHRINK, Row, fmt, write_report  # noqa: E402
 from cdsp_core import runs  # noqa: E402
 from cdsp_core.cam import label_quality  # noqa: E402
+from cdsp_core.data.dataset import WholeImageDataset  # noqa: E402
 from cdsp_core.data.degrade import write_degraded, write_trivial  # noqa: E402
+from cdsp_core.data.layout import Layout  # noqa: E402
 from cdsp_core.data.synthetic import generate  # noqa: E402
-from cdsp_core.figures import save_curves  # noqa: E402
+from cdsp_core.engine import build_stage2_model, evaluate  # noqa: E402
 from cdsp_core.pipeline import run_pipeline  # noqa: E402
-from cdsp_core.runner import Runner  # noqa: E402
+from cdsp_core.runner import Runner, load_checkpoint  # noqa: E402
 from cdsp_core.spec import ExperimentSpec, load_spec  # noqa: E402
 
 TERMS = ("segs", "segc", "ds", "dc", "lorm")
+DEL = ("segs", "segc", "ds", "dc")
 TABLE2 = [  # (row label, switched-on terms), the paper's Table 2 rows that the issue names
     ("scribble only (pCE)", ("segs",)),
     ("pseudo-label only (LS-CE)", ("segc",)),
     ("pCE + LS-CE", ("segs", "segc")),
-    ("pCE + LS-CE + DEL", ("segs", "segc", "ds", "dc")),
+    ("pCE + LS-CE + DEL", DEL),
     ("pCE + LS-CE + LoRM", ("segs", "segc", "lorm")),
     ("CDSP (all)", TERMS),
 ]
@@ -73,64 +80,30 @@ STAGE1 = {  # variant -> (row label, stage-1 overrides); every variant labels th
 # later rounds): its round-1 checkpoint and epoch rows are copied, so it is trained once.
 SHARED_CLASSIFIER = {"dense": "dense+rw", "dense+rw+r2": "dense+rw"}
 LEVELS = (0.3, 0.5, 0.8)
-SHRINK = (0.0, 0.5, 1.0)
-DROP = (0.0, 0.3, 0.5)
-
-
-@dataclass
-class Row:
-    group: str
-    label: str
-    overrides: dict[str, Any]
-    source: str | None = None  # "trivial" | "stage1:<variant>" | "external@L" | None (no pseudo-label)
-    seed: int | None = None  # stage 2's seed when it differs from --seed (pseudo-labels stay those of --seed)
-    result: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def key(self) -> str:
-        """The run folder's name: rows with the same label, source and seed share one run."""
-        suffix = "" if self.seed is None else f"-seed{self.seed}"
-        slug = "".join(c if c.isalnum() else "-" for c in f"{self.label}-{self.source}{suffix}".lower())
-        return "-".join(p for p in slug.split("-") if p)
+LORM_VARIANTS = [  # (display, label: shared with Table 2 where the run is the same, extra overrides)
+    ("no LoRM (pCE + LS-CE + DEL)", "pCE + LS-CE + DEL", {}),
+    ("LoRM as the official code (query mask)", "CDSP (all)", {}),
+    ("LoRM, per-class mask", "CDSP, LoRM per-class mask", {"stage2.lorm_mask": "class"}),
+    ("LoRM, foreground rows only in its loss", "CDSP, LoRM foreground rows", {"stage2.lorm_background_rows": False}),
+    ("LoRM, temperature 0.1", "CDSP, LoRM temperature 0.1", {"stage2.lorm_temperature": 0.1}),
+    ("LoRM, weight warm-up over half the epochs", "CDSP, LoRM warm-up", {"stage2.lorm_warmup_epochs": "half"}),
+]
+DATASETS = {"main": {"objects": (2, 3)}, "single": {"objects": (1, 1)}, "64px": {"objects": (2, 3), "size": 64}}
+MS_SCALES = (0.75, 1.0, 1.25, 1.5)  # with flips: the multi-scale protocol of the evaluation option
+MS_GROUPS = ("table2", "table2-external")
 
 
 def terms(on: tuple[str, ...]) -> dict[str, Any]:
     return {f"stage2.losses.{t}": t in on for t in TERMS}
 
 
-def run_order(row: Row) -> int:
-    """Rows run in this order, so that the decisive comparisons finish first."""
-    if row.source is None and row.group.startswith("table2"):
-        return 0  # full supervision, scribble only
-    if row.label == "CDSP (all)" and row.group == "table2-external":
-        return 1
-    order = {"stage1": 2, "table2-external": 3, "shrink": 4, "drop": 4, "table3": 5}
-    return order.get(row.group, 6)
-
-
-def with_seeds(rows: list[Row], seeds: list[int], base_seed: int) -> list[Row]:
-    """Every row once per stage-2 seed (the base seed's run keeps its folder name)."""
-    return [
-        Row(r.group, r.label, r.overrides, r.source, None if seed == base_seed else seed)
-        for r in rows
-        for seed in seeds
-    ]
-
-
 def build_rows(main_level: float) -> list[Row]:
     """Every row, in the order of the report."""
     ext = f"external@{main_level:g}"
-    rows = [
-        Row(
-            "table2",
-            "full supervision (truth as scribble)",
-            {"data.scribble_dir": "SegmentationClassAug", **terms(("segs",))},
-        )
-    ]
+    full = {"data.scribble_dir": "SegmentationClassAug", **terms(("segs",))}
+    rows = [Row("table2", "full supervision (truth as scribble)", full)]
     for label, on in TABLE2:
-        rows.append(
-            Row("table2-external", label, terms(on), ext if "segc" in on or "lorm" in on or "dc" in on else None)
-        )
+        rows.append(Row("table2-external", label, terms(on), ext if set(on) & {"segc", "dc", "lorm"} else None))
     # Where the pseudo-labels come from: the trivial label, then each stage-1 path; CDSP (all) on each.
     rows.append(Row("stage1", "trivial label (scribbles + background)", terms(TERMS), "trivial"))
     for variant, (label, _) in STAGE1.items():
@@ -143,66 +116,134 @@ def build_rows(main_level: float) -> list[Row]:
     for ratio in DROP[1:]:
         rows.append(Row("drop", f"scribble only, drop {ratio:g}", {"data.drop_ratio": ratio, **terms(("segs",))}))
         rows.append(Row("drop", f"CDSP, drop {ratio:g}", {"data.drop_ratio": ratio, **terms(TERMS)}, ext))
+    for dataset in ("main", "single"):
+        for display, label, extra in LORM_VARIANTS:
+            on = DEL if label == "pCE + LS-CE + DEL" else TERMS
+            rows.append(Row("lorm", label, {**terms(on), **extra}, ext, dataset=dataset, display=display))
+    for dataset in ("64px", "main"):
+        rows.append(Row("geometry", "full supervision (truth as scribble)", full, dataset=dataset))
+        rows.append(Row("geometry", "CDSP (all)", terms(TERMS), ext, dataset=dataset))
     return rows
 
 
-def study_spec(args: argparse.Namespace) -> ExperimentSpec:
-    lam_shift = 2 * math.log(465 / args.size)  # keep the distance maps' shape at this image size
-    return load_spec(
-        ROOT / "configs/synthetic-demo.yaml",
-        [
-            f"data.root={args.data}",
-            f"data.num_classes={args.classes}",
-            f"data.crop_size={args.size}",
-            f"data.loader_workers={args.loader_workers}",
-            f"stage2.epochs={args.epochs}",
-            f"stage2.output_stride={args.output_stride}",
-            f"stage2.lambda_s={1.0 + lam_shift:.3f}",
-            f"stage2.lambda_c={6.0 + lam_shift:.3f}",
-            f"seed={args.seed}",
-        ],
-    )
+def with_seeds(rows: list[Row], seeds: list[int], base_seed: int) -> list[Row]:
+    """Every row once per stage-2 seed (the base seed's run keeps its folder name)."""
+    return [
+        Row(r.group, r.label, r.overrides, r.source, None if s == base_seed else s, r.dataset, r.display)
+        for r in rows
+        for s in seeds
+    ]
 
 
-def ensure_dataset(args: argparse.Namespace) -> None:
-    meta = runs.read_json(str(Path(args.data) / "meta.json"))
-    want = {"size": args.size, "num_train": args.train, "num_val": args.val, "num_classes": args.classes, "seed": 0}
-    if meta is None or any(meta.get(k) != v for k, v in want.items()):
-        print(f"generating the synthetic dataset {want} -> {args.data}")
-        generate(args.data, args.train, args.val, args.size, args.classes, 0, workers=2)
+def run_order(row: Row) -> int:
+    """Rows run in this order, so that the decisive comparisons finish first."""
+    if row.source is None and row.group.startswith("table2"):
+        return 0  # full supervision, scribble only
+    if row.label == "CDSP (all)" and row.group == "table2-external":
+        return 1
+    order = {"table2-external": 2, "stage1": 3, "lorm": 4, "geometry": 5, "table3": 6, "shrink": 7, "drop": 7}
+    return order.get(row.group, 8)
 
 
-def pseudo_dir(source: str, args: argparse.Namespace, base: ExperimentSpec, cache: dict[str, Any]) -> str:
-    """Absolute folder of a pseudo-label source, made on first use; its quality and cost go to `cache`."""
-    if source in cache:
-        return cache[source]
+# ---- datasets and specs ---------------------------------------------------------------------------
+
+
+def data_root(args: argparse.Namespace, dataset: str) -> Path:
+    size = DATASETS[dataset].get("size", args.size)
+    suffix = "-single" if dataset == "single" else ""
+    return Path(args.data_dir) / f"synthetic-study-{size}px-{args.classes}c{suffix}"
+
+
+def ensure_dataset(args: argparse.Namespace, dataset: str) -> Path:
+    root = data_root(args, dataset)
+    size, objects = DATASETS[dataset].get("size", args.size), DATASETS[dataset]["objects"]
+    want = {"size": size, "num_train": args.train, "num_val": args.val, "num_classes": args.classes, "seed": 0}
+    meta = runs.read_json(str(root / "meta.json"))
+    if meta is None or any(meta.get(k) != v for k, v in want.items()) or meta.get("objects") != list(objects):
+        print(f"generating the synthetic dataset {want}, {objects} objects per image -> {root}", flush=True)
+        generate(root, args.train, args.val, size, args.classes, 0, workers=2, objects=objects)
+    return root
+
+
+def study_spec(args: argparse.Namespace, dataset: str) -> ExperimentSpec:
+    size = DATASETS[dataset].get("size", args.size)
+    lam_shift = 2 * math.log(465 / size)  # keep the distance maps' shape at this image size
+    overrides = [
+        f"data.root={ensure_dataset(args, dataset)}",
+        f"data.num_classes={args.classes}",
+        f"data.crop_size={size}",
+        f"data.loader_workers={args.loader_workers}",
+        f"stage2.epochs={args.epochs}",
+        f"stage2.output_stride={args.output_stride}",
+        f"stage2.lr={args.lr}",
+        f"stage2.head_lr_mult={args.head_lr_mult}",
+        f"stage2.lambda_s={1.0 + lam_shift:.3f}",
+        f"stage2.lambda_c={6.0 + lam_shift:.3f}",
+        f"seed={args.seed}",
+    ]
+    if args.pretrained:
+        overrides += [f"stage1.pretrained={args.pretrained}", f"stage2.pretrained={args.pretrained}"]
+    return load_spec(ROOT / "configs/synthetic-demo.yaml", overrides)
+
+
+def describe(args: argparse.Namespace, base: ExperimentSpec) -> list[str]:
+    s2 = base.stage2
+    init = f"fine-tuned from `{Path(args.pretrained).name}`" if args.pretrained else "from random init"
+    return [
+        f"Data: `cdsp data synth --size {args.size} --train {args.train} --val {args.val} --classes {args.classes}` "
+        "(and the datasets of the LoRM and geometry groups, named in their tables). "
+        f"Stage 2: {s2.segmentor} on {s2.backbone} (output stride {s2.output_stride}, {s2.head_form} head, ASPP "
+        f"rates scaled to the feature map), {init}, {s2.epochs} epochs, batch {s2.batch_size}, lr {s2.lr:g} "
+        f"(head x{s2.head_lr_mult:g}; warm-up {s2.warmup_epochs:g} epoch(s), then cosine), crop {base.data.crop_size}, "
+        f"lambda_s={s2.lambda_s:.2f}, lambda_c={s2.lambda_c:.2f} (the paper's 1 and 6 plus 2 ln(465/size), so that "
+        "the distance maps keep their shape at this image size). mIoU in percent on the validation split, single "
+        f"scale, and where a column says so multi-scale ({', '.join(f'{s:g}' for s in MS_SCALES)}) with flips. "
+        f"Stage-2 seeds {' '.join(str(x) for x in sorted(args.all_seeds))} where a row shows several values "
+        "(mean ± sample std, then each seed's); the pseudo-labels are the same for every seed.",
+        "",
+        "Stage 1: each variant below (`STAGE1` in the script), same initialisation as stage 2. Pseudo-label quality "
+        "is measured on the training split against ground truth, beside the trivial label (scribbled pixels keep "
+        "their class, every other pixel is background) and on unscribbled pixels only.",
+    ]
+
+
+# ---- pseudo-label sources ---------------------------------------------------------------------------
+
+
+def pseudo_dir(row: Row, args: argparse.Namespace, base: ExperimentSpec, cache: dict[str, Any]) -> str:
+    """Absolute folder of a row's pseudo-label source, made on first use; its quality and cost go to `cache`."""
+    source, sid = row.source, row.source_id
+    assert source is not None and sid is not None
+    if sid in cache:
+        return str(cache[sid])
+    root = Path(base.data.root)
     if source.startswith("stage1:"):
-        folder = run_stage1(source.split(":", 1)[1], args, base, cache)
+        folder = run_stage1(source.split(":", 1)[1], row.dataset, args, base, cache)
     else:
         if source == "trivial":
             name = write_trivial(base.data)
         else:
             level = float(source.split("@")[1])
             name, _ = write_degraded(base.data, level, seed=0, out_dir_name=f"pseudo_external_{level:g}")
-        folder = str(Path(args.data) / name)
-        scribbles = Path(args.data) / base.data.scribble_dir
-        quality = label_quality(base, Path(folder), scribbles, Runner(run=folder, progress=False))
+        folder = str(root / name)
+        quality = label_quality(base, Path(folder), root / base.data.scribble_dir, Runner(run=folder, progress=False))
         assert quality is not None
-        cache[f"{source}-quality"] = quality.summary()
-    cache[source] = folder
+        cache[f"{sid}-quality"] = quality.summary()
+    cache[sid] = folder
     return folder
 
 
-def run_stage1(variant: str, args: argparse.Namespace, base: ExperimentSpec, cache: dict[str, Any]) -> str:
+def run_stage1(variant: str, dataset: str, args: argparse.Namespace, base: ExperimentSpec, cache: dict) -> str:
     """Stage 1 of one variant in its own run folder (reused when finished); returns its pseudo-label folder."""
-    out = Path(args.runs) / f"stage1-{variant.replace('+', '-')}"
+    prefix = "" if dataset == "main" else f"{dataset}-"
+    out = Path(args.runs) / f"{prefix}stage1-{variant.replace('+', '-')}"
     _, overrides = STAGE1[variant]
     spec = base.with_overrides({"kind": "stage1", **{f"stage1.{k}": v for k, v in overrides.items()}})
-    result = runs.read_json(str(out / runs.RESULT))
+    result = finished(spec, out)
     if result is None:
         donor = SHARED_CLASSIFIER.get(variant)
         if donor is not None:  # the donor's round-1 classifier and its epoch rows: not trained again here
-            donor_out = Path(run_stage1(donor, args, base, cache)).parent
+            donor_out = Path(run_stage1(donor, dataset, args, base, cache)).parent
             (out / runs.CHECKPOINTS).mkdir(parents=True, exist_ok=True)
             for ckpt in (donor_out / runs.CHECKPOINTS).glob("stage1-epoch*.pt"):
                 shutil.copy2(ckpt, out / runs.CHECKPOINTS / ckpt.name)
@@ -210,263 +251,119 @@ def run_stage1(variant: str, args: argparse.Namespace, base: ExperimentSpec, cac
             (out / runs.METRICS).write_text("".join(json.dumps(r) + "\n" for r in rows))
         result = run_pipeline(spec, str(out), Runner(run=str(out), progress=False), figures=False)
     rows = runs.read_jsonl(str(out / runs.METRICS))
-    train_s = sum(r["epoch_seconds"] for r in rows if str(r.get("stage")).startswith("stage1"))
+    sid = f"stage1:{variant}" if dataset == "main" else f"{dataset}:stage1:{variant}"
     labels = [r for r in rows if r.get("stage") == "pseudo_labels"][-1]
-    cache[f"stage1:{variant}-quality"] = {k: result[k] for k in runs.QUALITY_KEYS}
-    cache[f"stage1:{variant}-train-s"] = round(train_s, 1)
-    cache[f"stage1:{variant}-pass-s"] = labels["pseudo_label_seconds"]
-    cache[f"stage1:{variant}-s-per-image"] = labels["seconds_per_image"]
-    cache[f"stage1:{variant}-cls-map"] = [r for r in rows if "cls_map" in r][-1]["cls_map"]
+    cache[f"{sid}-quality"] = {k: result[k] for k in runs.QUALITY_KEYS}
+    cache[f"{sid}-train-s"] = round(sum(r["epoch_seconds"] for r in rows if str(r.get("stage")).startswith("stage1")))
+    cache[f"{sid}-s-per-image"] = labels["seconds_per_image"]
+    cache[f"{sid}-cls-map"] = [r for r in rows if "cls_map" in r][-1]["cls_map"]
     return str(out / runs.PSEUDO_LABELS)
 
 
-def run_row(row: Row, args: argparse.Namespace, base: ExperimentSpec, cache: dict[str, str]) -> dict[str, Any]:
-    out = str(Path(args.runs) / row.key)
-    done = runs.read_json(runs.join(out, runs.RESULT))
-    if done is not None:
-        return done
+# ---- running rows -----------------------------------------------------------------------------------
+
+
+def finished(spec: ExperimentSpec, out: Path) -> dict[str, Any] | None:
+    """The result of this very spec in `out`, None if not run yet; another spec's result is an error."""
+    result = runs.read_json(str(out / runs.RESULT))
+    if result is None:
+        return None
+    stored = yaml.safe_load((out / runs.SPEC).read_text())
+    if load_spec(stored).model_dump() != spec.model_dump():
+        raise SystemExit(f"{out} holds the result of another spec: choose another --runs folder")
+    return dict(result)
+
+
+def row_spec(row: Row, args: argparse.Namespace, base: ExperimentSpec, cache: dict[str, Any]) -> ExperimentSpec:
     overrides = {"kind": "stage2", "name": row.key[:100], **row.overrides}
+    if overrides.get("stage2.lorm_warmup_epochs") == "half":
+        overrides["stage2.lorm_warmup_epochs"] = args.epochs / 2
     if row.seed is not None:
         overrides["seed"] = row.seed
     if row.source is not None:
-        overrides["data.pseudo_label_dir"] = pseudo_dir(row.source, args, base, cache)
-    spec = base.with_overrides(overrides)
-    start = time.perf_counter()
-    result = run_pipeline(spec, out, Runner(run=out, progress=False), figures=False)
-    result["wall_s"] = round(time.perf_counter() - start, 1)
-    runs.write_text(runs.join(out, runs.RESULT), json.dumps(result, indent=2))
+        overrides["data.pseudo_label_dir"] = pseudo_dir(row, args, base, cache)
+    return base.with_overrides(overrides)
+
+
+def run_row(row: Row, args: argparse.Namespace, base: ExperimentSpec, cache: dict[str, Any]) -> dict[str, Any]:
+    out = Path(args.runs) / row.key
+    spec = row_spec(row, args, base, cache)
+    result = finished(spec, out)
+    if result is None:
+        start = time.perf_counter()
+        result = run_pipeline(spec, str(out), Runner(run=str(out), progress=False), figures=False)
+        result["wall_s"] = round(time.perf_counter() - start, 1)
+    if row.group in MS_GROUPS and "miou_ms" not in result:
+        result["miou_ms"] = round(multiscale_miou(spec, out / result["checkpoint"]), 4)
+    runs.write_text(str(out / runs.RESULT), json.dumps(result, indent=2) + "\n")
     return result
 
 
-def fmt(x: float | None) -> str:
-    return "-" if x is None else f"{x:.1f}"
-
-
-def write_report(
-    rows: list[Row], cache: dict[str, Any], args: argparse.Namespace, base: ExperimentSpec, total_s: float
-) -> None:
-    results = Path(args.results)
-    results.mkdir(parents=True, exist_ok=True)
-    s1, s2 = base.stage1, base.stage2
-    command = " ".join([Path(sys.executable).name, *sys.argv])
-    machine = (
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    )
-    lines = [
-        "# Accuracy on the synthetic benchmark",
-        "",
-        f"Produced by `{command}` on {time.strftime('%Y-%m-%d')} ({machine}); {total_s / 60:.0f} min in all.",
-        "",
-        f"Data: `cdsp data synth --size {args.size} --train {args.train} --val {args.val} --classes {args.classes}`. "
-        f"Model: {s2.segmentor} on {s2.backbone} (output stride {s2.output_stride}), random init, {s2.epochs} epochs, "
-        f"batch {s2.batch_size}, lr {s2.lr:g} (warm-up {s2.warmup_epochs:g} epoch(s), then cosine), "
-        f"crop {base.data.crop_size}, "
-        f"lambda_s={s2.lambda_s:.2f}, lambda_c={s2.lambda_c:.2f} (the paper's 1 and 6 plus 2 ln(465/size), so that the "
-        "distance maps keep their shape at this image size). mIoU in percent on the validation split (single scale); "
-        f"Stage-2 seeds: {' '.join(str(x) for x in args.seeds)} where a row says so (mean ± sample std, then "
-        "each seed's value); pseudo-labels are those of the base seed in every case.",
-        "",
-        f"Stage 1: a {s1.backbone} classifier from scratch, per variant below (`STAGE1` in the script). Pseudo-label "
-        "quality is measured on the training split against ground truth, beside the trivial label (scribbled pixels "
-        "keep their class, every other pixel is background) and on unscribbled pixels only.",
-        "",
-    ]
-    groups: dict[str, list[Row]] = {}
-    for row in rows:
-        groups.setdefault(row.group, []).append(row)
-    for group, members in groups.items():
-        lines += [f"## {TITLES.get(group, group).format(level=args.main_level)}", ""]
-        if group == "stage1":
-            lines += [*stage1_table(members, cache), ""]
-            continue
-        lines += ["| row | pseudo-label (mIoU) | val mIoU | time (s) |", "|---|---|---|---|"]
-        for same in by_row(members):
-            row = same[0]
-            src = "-" if row.source is None else f"{row.source} ({fmt(source_miou(row.source, cache))})"
-            lines.append(f"| {row.label} | {src} | {fmt_seeds(same)} | {fmt(mean_seconds(same))} |")
-        lines.append("")
-    (results / "synthetic-accuracy.md").write_text("\n".join(lines) + "\n")
-    payload = {
-        "args": vars(args),
-        "pseudo": {k: v for k, v in cache.items() if k.endswith(("miou", "seconds"))},
-        "rows": [{"group": r.group, "label": r.label, "source": r.source, **r.result} for r in rows],
-    }
-    (results / "synthetic-accuracy.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    robustness_figure(rows, results / "synthetic-robustness.png")
-    quality_figure(rows, cache, results / "synthetic-pseudo-quality.png")
-
-
-def by_row(members: list[Row]) -> list[list[Row]]:
-    """Rows that differ only in their seed, together, in report order."""
-    out: dict[tuple[str, str | None], list[Row]] = {}
-    for row in members:
-        out.setdefault((row.label, row.source), []).append(row)
-    return list(out.values())
-
-
-def fmt_seeds(same: list[Row]) -> str:
-    """One row's val mIoU: the value, or mean ± sample std and the seeds' values."""
-    values = [r.result["miou"] for r in same if r.result.get("miou") is not None]
-    if len(values) <= 1:
-        return fmt(values[0] if values else None)
-    mean = statistics.mean(values)
-    return f"{mean:.1f} ± {statistics.stdev(values):.1f} ({', '.join(f'{v:.1f}' for v in values)})"
-
-
-def mean_seconds(same: list[Row]) -> float | None:
-    seconds = [r.result.get("wall_s", r.result.get("duration_s")) for r in same if r.result]
-    return statistics.mean(seconds) if seconds else None
-
-
-def stage1_table(members: list[Row], cache: dict[str, Any]) -> list[str]:
-    """Each pseudo-label source: its quality beside the trivial label's, its cost, and CDSP trained on it."""
-    lines = [
-        "| pseudo-labels | mIoU | unscribbled mIoU | classifier mAP (val) | stage 1 train (s) | pass (s / image) "
-        "| CDSP val mIoU | stage 2 (s) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for same in by_row(members):
-        row = same[0]
-        assert row.source is not None
-        q = cache.get(f"{row.source}-quality") or {}
-        per_image = cache.get(f"{row.source}-s-per-image")
-        lines.append(
-            f"| {row.label} | {fmt(q.get('pseudo_label_miou'))} | {fmt(q.get('pseudo_label_unscribbled_miou'))} "
-            f"| {fmt(cache.get(f'{row.source}-cls-map'))} | {fmt(cache.get(f'{row.source}-train-s'))} "
-            f"| {'-' if per_image is None else f'{per_image:.3f}'} | {fmt_seeds(same)} | {fmt(mean_seconds(same))} |"
-        )
-    trivial = next((cache[f"{r.source}-quality"] for r in members if f"{r.source}-quality" in cache), None)
-    if trivial is not None:
-        lines += [
-            "",
-            f"The trivial label's mIoU is {trivial['trivial_label_miou']:.1f} on all pixels and "
-            f"{trivial['trivial_label_unscribbled_miou']:.1f} on unscribbled pixels (the same for every row: same "
-            "scribbles). The pass is timed on the run's threads (`seconds_per_image` in metrics.jsonl); "
-            "`benchmarks/pseudo_labels.py` times each path on one thread.",
-        ]
-    return lines
-
-
-TITLES = {
-    "table2": "Upper bound",
-    "stage1": "Where the pseudo-labels come from: the trivial label and each stage-1 path, CDSP (all) trained on each",
-    "table2-external": "Table 2 analogue, external pseudo-labels of controlled quality (level {level:g})",
-    "table3": "Table 3 analogue: CDSP against pseudo-label quality",
-    "shrink": "Fig. 7 analogue: shrunk scribbles (external pseudo-labels fixed, as the paper's BMP labels)",
-    "drop": "Fig. 7 analogue: dropped scribbles (external pseudo-labels fixed)",
-}
-
-
-def source_miou(source: str, cache: dict[str, Any]) -> float | None:
-    return (cache.get(f"{source}-quality") or {}).get("pseudo_label_miou")
-
-
-def _miou(rows: list[Row], label: str) -> float | None:
-    """The mean val mIoU over the seeds of the row with this label."""
-    values = [r.result["miou"] for r in rows if r.label == label and r.result.get("miou") is not None]
-    return statistics.mean(values) if values else None
-
-
-def robustness_figure(rows: list[Row], path: Path) -> None:
-    """mIoU against shrink and drop ratio, scribble-only vs CDSP (paper Fig. 7)."""
-    series: dict[str, tuple[list[float], list[float]]] = {}
-    for kind, ratios in (("shrink", SHRINK), ("drop", DROP)):
-        for method, zero in (("scribble only", "scribble only (pCE)"), ("CDSP", "CDSP (all)")):
-            xs, ys = [], []
-            for r in ratios:
-                label = zero if r == 0 else f"{method}, {kind} {r:g}"
-                pool = (
-                    [x for x in rows if x.group == ("table2-external" if r == 0 else kind)]
-                    if method == "CDSP" or r
-                    else rows
-                )
-                value = _miou(pool, label)
-                if value is not None:
-                    xs.append(r)
-                    ys.append(value)
-            if xs:
-                series[f"{method} ({kind})"] = (xs, ys)
-    if series:
-        save_curves(series, path, "shrink / drop ratio", "val mIoU (%)", "robustness to scribble shrink and drop")
-
-
-def quality_figure(rows: list[Row], cache: dict[str, Any], path: Path) -> None:
-    """CDSP against pseudo-label quality (paper Table 3): the external levels as a curve, the trivial label
-    and each stage-1 path as points on it."""
-
-    def mean_points(group: str) -> list[tuple[str, float, float]]:
-        out = []
-        for same in by_row([r for r in rows if r.group == group and r.source]):
-            quality, miou = source_miou(same[0].source or "", cache), _miou(same, same[0].label)
-            if quality is not None and miou is not None:
-                out.append((same[0].label, quality, miou))
-        return out
-
-    pts = sorted((q, m) for _, q, m in mean_points("table3"))
-    series = {"CDSP, external pseudo-labels": ([p[0] for p in pts], [p[1] for p in pts])} if pts else {}
-    scrib = _miou([r for r in rows if r.group == "table2-external"], "scribble only (pCE)")
-    if pts and scrib is not None:
-        series["scribble only"] = ([min(p[0] for p in pts) - 30, pts[-1][0]], [scrib, scrib])
-    points = {f"CDSP, {label}": (q, m) for label, q, m in mean_points("stage1")}
-    if series or points:
-        save_curves(
-            series, path, "pseudo-label mIoU on train (%)", "val mIoU (%)", "CDSP against pseudo-label quality",
-            points=points,
-        )  # fmt: skip
-
-
-def source_made(source: str, args: argparse.Namespace) -> bool:
-    """Whether an earlier call made this pseudo-label source (so its figures can be reported again cheaply)."""
-    if source.startswith("stage1:"):
-        return (Path(args.runs) / f"stage1-{source.split(':', 1)[1].replace('+', '-')}" / runs.RESULT).is_file()
-    if source == "trivial":
-        return (Path(args.data) / "pseudo_trivial").is_dir()
-    return (Path(args.data) / f"pseudo_external_{source.split('@')[1]}").is_dir()
+def multiscale_miou(spec: ExperimentSpec, checkpoint: Path) -> float:
+    """The final model's validation mIoU with multi-scale + flip inference (the paper's protocol option)."""
+    model = build_stage2_model(spec)
+    model.load_state_dict(load_checkpoint(checkpoint)["model"])
+    val = WholeImageDataset(spec.data, "val", {"gt": Layout.from_spec(spec.data).gt_dir})
+    cm = evaluate(model, val, Runner(run=str(checkpoint.parent), progress=False), spec.data.num_classes,
+                  scales=MS_SCALES, flip=True)  # fmt: skip
+    return cm.miou()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(ROOT / "data/synthetic-study"))
-    parser.add_argument("--runs", default=str(ROOT / "runs/synthetic-accuracy"))
+    parser.add_argument("--data-dir", default=str(ROOT / "data"), help="where the study's datasets are made")
+    parser.add_argument("--runs", help="run folders (default runs/synthetic-accuracy-<size>px)")
     parser.add_argument("--results", default=str(ROOT / "benchmarks/results"))
     parser.add_argument("--size", type=int, default=65)
     parser.add_argument("--train", type=int, default=400)
     parser.add_argument("--val", type=int, default=60)
     parser.add_argument("--classes", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--head-lr-mult", type=float, default=1.0)
+    parser.add_argument("--pretrained", help="backbone weights of both stages (benchmarks/pretrain_backbone.py)")
     parser.add_argument("--output-stride", type=int, default=8, help="stage 2's (the demo recipe runs at 16)")
     parser.add_argument("--main-level", type=float, default=0.5, help="external pseudo-label level of Table 2 / Fig. 7")
     parser.add_argument("--loader-workers", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0, help="the seed of every run (stage 1 and 2)")
     parser.add_argument("--seeds", type=int, nargs="*", help="stage-2 seeds of every row that runs (default: --seed)")
     parser.add_argument("--labels", nargs="*", help="run only the rows whose label contains one of these")
-    parser.add_argument(
-        "--only", nargs="*", help="row groups to run (table2, stage1, table2-external, table3, shrink, drop)"
-    )
+    parser.add_argument("--only", nargs="*", help="row groups to run (table2, stage1, lorm, geometry, table3...)")
+    parser.add_argument("--datasets", nargs="*", help="run only the rows of these datasets (main, single, 64px)")
     args = parser.parse_args()
+    args.runs = args.runs or str(ROOT / f"runs/synthetic-accuracy-{args.size}px")
     start = time.perf_counter()
-    ensure_dataset(args)
-    base = study_spec(args)
+    bases = {name: study_spec(args, name) for name in DATASETS}
     args.seeds = args.seeds or [args.seed]
     earlier = {int(m[1]) for p in Path(args.runs).glob("*-seed*") if (m := re.search(r"-seed(\d+)$", p.name))}
-    rows = with_seeds(build_rows(args.main_level), sorted(set(args.seeds) | earlier), args.seed)
+    args.all_seeds = sorted(set(args.seeds) | earlier | {args.seed})
+    rows = with_seeds(build_rows(args.main_level), args.all_seeds, args.seed)
     for row in rows:  # rows an earlier call finished are reported too
         row.result = runs.read_json(str(Path(args.runs) / row.key / runs.RESULT)) or {}
     cache: dict[str, Any] = {}
+
+    def report() -> None:
+        write_report(rows, cache, args, describe(args, bases["main"]), time.perf_counter() - start, Path(args.results))
+
     for row in sorted(rows, key=run_order):
-        if args.only and row.group not in args.only:
+        seed = row.seed if row.seed is not None else args.seed
+        if (args.only and row.group not in args.only) or seed not in args.seeds:
             continue
-        if args.labels and not any(text in row.label for text in args.labels):
+        if (args.labels and not any(t in row.label for t in args.labels)) or (
+            args.datasets and row.dataset not in args.datasets
+        ):
             continue
-        if (row.seed if row.seed is not None else args.seed) not in args.seeds:
-            continue
-        row.result = run_row(row, args, base, cache)
-        print(f"{row.group:16s} {row.label:42s} {row.source or '-':14s} mIoU {fmt(row.result.get('miou'))}", flush=True)
-        write_report(rows, cache, args, base, time.perf_counter() - start)  # partial results survive a stop
-    for source in {r.source for r in rows if r.source}:  # qualities of sources made by an earlier call too
-        if source_made(source, args):
-            pseudo_dir(source, args, base, cache)
-    write_report(rows, cache, args, base, time.perf_counter() - start)
+        row.result = run_row(row, args, bases[row.dataset], cache)
+        for twin in rows:  # the same run reported in another group
+            if twin.key == row.key:
+                twin.result = row.result
+        print(f"{row.group:16s} {row.dataset:6s} {row.label:42s} {row.source or '-':18s} seed {seed} "
+              f"mIoU {fmt(row.result.get('miou'))}", flush=True)  # fmt: skip
+        report()  # partial results survive a stop
+    for row in rows:  # qualities of sources an earlier call made
+        if row.result and row.source is not None and row.source_id not in cache:
+            pseudo_dir(row, args, bases[row.dataset], cache)
+    report()
 
 
 if __name__ == "__main__":

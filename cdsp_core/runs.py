@@ -46,13 +46,17 @@ pixels keep their class, every other pixel is background"), on all pixels and on
 
 
 def describe_quality(row: dict[str, Any]) -> str:
-    """The pseudo-label mIoU beside the trivial label's, on all and on unscribbled pixels, in one phrase."""
+    """The pseudo-label mIoU beside the trivial label's, on all and on unscribbled pixels, in one phrase
+    (results written before the trivial label was measured give the first figure alone)."""
     if row.get("pseudo_label_miou") is None:
         return "pseudo-labels not measured (no ground truth)"
-    return (
-        f"pseudo-label mIoU {row['pseudo_label_miou']:.2f} (trivial label {row['trivial_label_miou']:.2f}; "
-        f"unscribbled pixels {row['pseudo_label_unscribbled_miou']:.2f} vs {row['trivial_label_unscribbled_miou']:.2f})"
-    )
+    text = f"pseudo-label mIoU {row['pseudo_label_miou']:.2f}"
+    if all(row.get(k) is not None for k in QUALITY_KEYS):
+        text += (
+            f" (trivial label {row['trivial_label_miou']:.2f}; unscribbled pixels "
+            f"{row['pseudo_label_unscribbled_miou']:.2f} vs {row['trivial_label_unscribbled_miou']:.2f})"
+        )
+    return text
 
 
 def is_remote(location: str | os.PathLike[str]) -> bool:

@@ -31,7 +31,12 @@ def test_one_line_keeps_the_root_cause_of_a_remote_traceback() -> None:
 
 
 def test_summary() -> None:
-    line = summary(
-        {"pseudo_label_miou": 61.234, "miou": 70.5, "checkpoint": "checkpoints/stage2-epoch002.pt"}, "s3://b/r"
+    quality = {
+        "pseudo_label_miou": 61.234, "trivial_label_miou": 40.0,
+        "pseudo_label_unscribbled_miou": 50.0, "trivial_label_unscribbled_miou": 10.0,
+    }  # fmt: skip
+    line = summary({**quality, "miou": 70.5, "checkpoint": "checkpoints/stage2-epoch002.pt"}, "s3://b/r")
+    assert line == (
+        "done: pseudo-label mIoU 61.23 (trivial label 40.00; unscribbled pixels 50.00 vs 10.00), val mIoU 70.50, "
+        "checkpoint s3://b/r/checkpoints/stage2-epoch002.pt"
     )
-    assert line == "done: pseudo-label mIoU 61.23, val mIoU 70.50, checkpoint s3://b/r/checkpoints/stage2-epoch002.pt"

@@ -22,7 +22,8 @@ def test_pseudo_labels_published_to_s3_are_fetched_whole_by_concurrent_readers(s
     for name, label in labels.items():
         write_label(local / f"{name}.png", label)
     assert finished_pseudo_labels(run) is None
-    publish_pseudo_labels(run, local, 42.5)
+    quality = {"pseudo_label_miou": 42.5, "trivial_label_miou": 40.0}
+    publish_pseudo_labels(run, local, quality)
     assert sorted(runs.listdir(runs.join(run, runs.PSEUDO_LABELS))) == sorted([COMPLETE, *(f"{n}.png" for n in labels)])
 
     # Another machine (an empty cache): several workers ask at once; each gets the whole folder.
@@ -39,7 +40,7 @@ def test_pseudo_labels_published_to_s3_are_fetched_whole_by_concurrent_readers(s
         t.start()
     for t in threads:
         t.join(timeout=60)
-    assert len(got) == 4 and all(g == (local, 42.5) for g in got)
+    assert len(got) == 4 and all(g is not None and g[0] == local and g[1]["pseudo_label_miou"] == 42.5 for g in got)
     for name, label in labels.items():
         assert np.array_equal(read_label(local / f"{name}.png", 10), label)
     assert not [p for p in local.parent.iterdir() if p.name.startswith(".fetch-")]
