@@ -174,6 +174,26 @@ def data_degrade(
     console.print(f"use them with: --set data.pseudo_label_dir={name}")
 
 
+@data_app.command("trivial")
+def data_trivial(
+    root: RootOpt = Path("data/synthetic"),
+    num_classes: Annotated[int, typer.Option(help="Classes including background.")] = 5,
+    out: Annotated[str, typer.Option(help="Output folder name under the root.")] = "pseudo_trivial",
+) -> None:
+    """The trivial label as pseudo-labels (scribbled pixels keep their class, the rest is background):
+    the baseline a stage 1 must beat."""
+    from cdsp_core.data.degrade import write_trivial
+    from cdsp_core.data.layout import DatasetError
+    from cdsp_core.spec import DataSpec
+
+    try:
+        name = write_trivial(DataSpec(root=str(root), num_classes=num_classes), out)
+    except (ValueError, DatasetError) as exc:
+        fail(str(exc))
+    console.print(f"trivial labels -> {root / name}")
+    console.print(f"use them with: --set data.pseudo_label_dir={name}")
+
+
 @app.command("run")
 def run(
     config: Annotated[Path, typer.Argument(help="Experiment spec (YAML).")],

@@ -1,4 +1,4 @@
-"""`cdsp data synth|variants|distance-maps|scribblesup-xml`: files written, messages and exit codes."""
+"""`cdsp data synth|variants|distance-maps|scribblesup-xml|trivial`: files written, messages and exit codes."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def one_line(text: str) -> str:
 def test_help_lists_the_data_commands(invoke):
     result = invoke("data", "--help")
     assert result.exit_code == 0
-    for name in ("synth", "variants", "distance-maps", "scribblesup-xml"):
+    for name in ("synth", "variants", "distance-maps", "scribblesup-xml", "degrade", "trivial"):
         assert name in result.output
 
 
@@ -157,3 +157,21 @@ def test_scribblesup_xml(invoke, tmp_path):
     result = invoke("data", "scribblesup-xml", xml_dir, "--out", out)
     assert result.exit_code == 2
     assert str(xml_dir / "bad.xml") in one_line(result.output) and "'dragon'" in result.output
+
+
+def test_trivial_writes_scribbles_plus_background(invoke, synth):
+    result = invoke("data", "trivial", "--root", synth, "--num-classes", "3")
+    assert result.exit_code == 0, result.output
+    assert "data.pseudo_label_dir=pseudo_trivial" in one_line(result.output)
+    ids = (synth / "ImageSets/SegmentationAug/train.txt").read_text().split()
+    for sample_id in ids:
+        scribble = cv2.imread(str(synth / "pascal_2012_scribble" / f"{sample_id}.png"), cv2.IMREAD_UNCHANGED)
+        label = cv2.imread(str(synth / "pseudo_trivial" / f"{sample_id}.png"), cv2.IMREAD_UNCHANGED)
+        expected = np.where(scribble == 255, 0, scribble)
+        assert np.array_equal(label, expected), sample_id
+
+
+def test_trivial_names_a_bad_scribble(invoke, synth):
+    result = invoke("data", "trivial", "--root", synth, "--num-classes", "2")
+    assert result.exit_code != 0
+    assert "pascal_2012_scribble" in one_line(result.output) and "outside" in one_line(result.output)
