@@ -46,7 +46,7 @@ from cdsp_core.runner import (
     set_rng_state,
     unwrap,
 )
-from cdsp_core.spec import LOSS_TERMS, ExperimentSpec
+from cdsp_core.spec import ExperimentSpec
 
 Batch = dict[str, Any]
 LossFn = Callable[[nn.Module, Batch, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -291,8 +291,9 @@ def evaluate(
 def loss_config(spec: ExperimentSpec) -> LossConfig:
     """Weights of the switched-on terms (a switched-off term has weight 0)."""
     s2 = spec.stage2
-    weights = {t: getattr(s2.loss_weights, t) if getattr(s2.losses, t) else 0.0 for t in LOSS_TERMS}
-    return LossConfig(**weights, label_smoothing=s2.label_smoothing, lorm_background_rows=s2.lorm_background_rows)
+    return LossConfig(
+        **spec.loss_weights_in_use, label_smoothing=s2.label_smoothing, lorm_background_rows=s2.lorm_background_rows
+    )
 
 
 def stage2_rates(spec: ExperimentSpec) -> tuple[int, ...]:

@@ -33,13 +33,6 @@ from cdsp_core.spec import ExperimentSpec
 COMPLETE = ".complete"
 
 
-def runs_stage1(spec: ExperimentSpec) -> bool:
-    """Whether stage 1 trains: no external pseudo-labels, and pseudo-labels are wanted."""
-    if spec.data.pseudo_label_dir is not None:
-        return False
-    return spec.kind == "stage1" or (spec.kind in ("pipeline", "search") and spec.needs_pseudo_labels)
-
-
 def prepare_run(spec: ExperimentSpec, run: str, is_main: bool = True) -> Path:
     """Write spec.yaml, refuse a dataset that does not hold the layout, return the scribble folder."""
     if is_main:
@@ -176,7 +169,7 @@ def run_pipeline(spec: ExperimentSpec, out: str, runner: Runner | None = None, f
         pseudo_dir = Layout.from_spec(spec.data).pseudo_label_dir
         assert pseudo_dir is not None
         result.update(quality_row(label_quality(spec, pseudo_dir, scribble_dir, runner)))
-    elif runs_stage1(spec):
+    elif spec.runs_stage1:
         done = finished_pseudo_labels(out)
         if done is not None:
             pseudo_dir, recorded = done
@@ -203,7 +196,7 @@ def run_pipeline(spec: ExperimentSpec, out: str, runner: Runner | None = None, f
         if figures:
             from cdsp_core.figures import run_figures
 
-            if classifier is None and runs_stage1(spec):
+            if classifier is None and spec.runs_stage1:
                 classifier = load_stage1_model(spec, out)
             run_figures(spec, out, model, classifier, pseudo_dir, scribble_dir, runner.device)
         write_result(out, result)

@@ -374,14 +374,14 @@ class ExperimentSpec(_Section):
         if self.kind != "search" and self.search is not None and self.search.space:
             raise ValueError(f"search.space is set but kind is {self.kind!r}; use kind: search")
         if self.kind == "stage2" and self.data.pseudo_label_dir is None:
-            needs = [t for t in PSEUDO_TERMS if getattr(self.stage2.losses, t)]
+            needs = [t for t in self.active_loss_terms if t in PSEUDO_TERMS]
             if needs:
                 raise ValueError(
                     "kind 'stage2' trains without stage 1, so data.pseudo_label_dir must be set "
                     f"while stage2.losses {needs} are on"
                 )
-        if not any(getattr(self.stage2.losses, t) for t in LOSS_TERMS):
-            raise ValueError("stage2.losses: every term is off; switch at least one on")
+        if not self.active_loss_terms:
+            raise ValueError("stage2.losses: every term is off (or weighted 0); switch at least one on")
         s2 = self.stage2
         side = feature_size(self.data.crop_size, s2.output_stride)
         if s2.aspp_rates is not None and max(s2.aspp_rates) >= side:
@@ -401,9 +401,34 @@ class ExperimentSpec(_Section):
 
     # ---- helpers -------------------------------------------------------------------------
     @property
+    def loss_weights_in_use(self) -> dict[str, float]:
+        """Every stage-2 loss term's weight, 0 for a term switched off: the one rule of which terms count."""
+        s2 = self.stage2
+        return {t: getattr(s2.loss_weights, t) if getattr(s2.losses, t) else 0.0 for t in LOSS_TERMS}
+
+    @property
+    def active_loss_terms(self) -> list[str]:
+        """The stage-2 loss terms switched on with a weight above 0."""
+        return [t for t, w in self.loss_weights_in_use.items() if w > 0]
+
+    @property
     def needs_pseudo_labels(self) -> bool:
-        """Whether stage 2 uses a pseudo-label (any of LS-CE, DEL_c, LoRM is on)."""
-        return any(getattr(self.stage2.losses, t) for t in PSEUDO_TERMS)
+        """Whether stage 2 reads a pseudo-label: LS-CE, DEL_c or LoRM is active, or (in a search) the
+        space switches or weights one of them, so that some trial may need them."""
+        if any(t in PSEUDO_TERMS for t in self.active_loss_terms):
+            return True
+        space = self.search.space if self.search is not None else {}
+        return any(k.rsplit(".", 1)[-1] in PSEUDO_TERMS and k.startswith(("stage2.losses.", "stage2.loss_weights."))
+                   for k in space)  # fmt: skip
+
+    @property
+    def runs_stage1(self) -> bool:
+        """Whether this spec trains stage 1: it is a stage-1 job, or a pipeline or search whose stage 2
+        needs pseudo-labels that no `data.pseudo_label_dir` supplies. Used by the engine, the Ray
+        launchers, the preflight and the service (epoch counts)."""
+        if self.data.pseudo_label_dir is not None:
+            return False
+        return self.kind == "stage1" or (self.kind in ("pipeline", "search") and self.needs_pseudo_labels)
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> ExperimentSpec:
         """A new spec with dotted keys replaced (values validated as usual)."""

@@ -18,20 +18,9 @@ SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 _CKPT = re.compile(r"^(?P<stage>[a-z0-9_-]+)-epoch(?P<epoch>\d+)\.pt$")
 
 
-def runs_stage1(spec: ExperimentSpec) -> bool:
-    """Whether the job trains stage 1: the rule of `cdsp_core.pipeline.runs_stage1`.
-
-    Restated here because that module imports torch, which the control plane must not need;
-    tests/service/test_runfolder.py checks that the two agree.
-    """
-    if spec.data.pseudo_label_dir is not None:
-        return False
-    return spec.kind == "stage1" or (spec.kind in ("pipeline", "search") and spec.needs_pseudo_labels)
-
-
 def total_epochs(spec: ExperimentSpec) -> int:
     """Epochs of every stage the spec runs; a search counts stage 2 once per trial."""
-    total = spec.stage1.total_epochs if runs_stage1(spec) else 0
+    total = spec.stage1.total_epochs if spec.runs_stage1 else 0
     if spec.kind in ("pipeline", "stage2"):
         total += spec.stage2.epochs
     elif spec.kind == "search" and spec.search is not None:

@@ -17,7 +17,7 @@ from cdsp_core.cam import label_quality, quality_row
 from cdsp_core.data.layout import Layout
 from cdsp_core.data.scribbles import scribble_folder
 from cdsp_core.engine import stage1_checkpoint
-from cdsp_core.pipeline import COMPLETE, prepare_run, recorded_quality, runs_stage1, write_result
+from cdsp_core.pipeline import COMPLETE, prepare_run, recorded_quality, write_result
 from cdsp_core.runner import Runner
 from cdsp_core.spec import ExperimentSpec
 from workers.preflight import finished_result
@@ -62,7 +62,7 @@ def run_on_ray(spec: ExperimentSpec, out: str, log: Log = print) -> dict[str, An
     epochs: dict[str, int] = {}
     if spec.data.pseudo_label_dir is not None:
         result.update(external_quality(wspec, out))
-    elif runs_stage1(spec):
+    elif spec.runs_stage1:
         result.update(ensure_pseudo_labels(wspec, out, log, figures=spec.kind == "stage1"))
         epochs["stage1"] = spec.stage1.total_epochs
     if spec.kind == "stage1":

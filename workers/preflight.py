@@ -25,7 +25,7 @@ def check_dataset(spec: ExperimentSpec) -> None:
     workers = spec.resources.num_workers
     n = len(read_ids(Layout.from_spec(spec.data).train_list))
     stages = [("stage 2", spec.stage2.batch_size)] if spec.kind != "stage1" else []
-    if spec.data.pseudo_label_dir is None and (spec.kind == "stage1" or spec.needs_pseudo_labels):
+    if spec.runs_stage1:
         stages.insert(0, ("stage 1", spec.stage1.batch_size))
     for stage, batch in stages:
         if n // workers < batch // workers:
@@ -41,8 +41,7 @@ def check_space(spec: ExperimentSpec) -> None:
     if spec.search is None:
         return
     shared = [k for k in spec.search.space if k.startswith("stage1.")]
-    uses_stage1 = spec.data.pseudo_label_dir is None and spec.needs_pseudo_labels
-    if shared and uses_stage1:
+    if shared and spec.runs_stage1:
         raise SearchError(
             f"search.space: {shared} change stage 1, whose pseudo-labels every trial shares; "
             "search stage-2 and data keys, or run one pipeline experiment per stage-1 setting"

@@ -26,7 +26,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from cdsp_core import runs
 from cdsp_core.cam import quality_row
-from cdsp_core.pipeline import prepare_run, runs_stage1, write_result
+from cdsp_core.pipeline import prepare_run, write_result
 from cdsp_core.runner import append_metrics, list_checkpoints
 from cdsp_core.spec import Domain, ExperimentSpec, validate_spec
 from workers.cluster import env_vars, job_env
@@ -278,7 +278,7 @@ def run_search(spec: ExperimentSpec, out: str, log: Log = print) -> dict[str, An
     pseudo_from, pseudo_quality, epochs = None, quality_row(None), {"stage2": spec.stage2.epochs}
     if spec.data.pseudo_label_dir is not None:
         pseudo_quality = external_quality(wspec, out)
-    elif runs_stage1(spec):
+    elif spec.runs_stage1:
         pseudo_quality = ensure_pseudo_labels(wspec, out, log, figures=False)
         pseudo_from, epochs = out, {"stage1": spec.stage1.total_epochs, **epochs}
     log(f"search: {spec.search.max_concurrent_trials} concurrent trial(s) over {sorted(spec.search.space)}")

@@ -445,3 +445,35 @@ def test_yaml_round_trip(tmp_path):
     assert again == spec
     assert again.to_yaml() == spec.to_yaml()
     assert load_spec(tmp_path / "spec.yaml").search.space["stage2.lambda_s"].grid == [0, 1, 2]
+
+
+def test_one_rule_decides_whether_stage1_runs():
+    """A term switched on with weight 0 reads no pseudo-label (the engine drops it), so it makes no
+    stage 1 run; a search whose space can turn a pseudo-label term on does."""
+    zero = {"stage2": {"loss_weights": {"segc": 0, "dc": 0, "lorm": 0}}}
+    spec = validate_spec({"kind": "pipeline", **zero})
+    assert spec.active_loss_terms == ["segs", "ds"] and spec.loss_weights_in_use["segc"] == 0.0
+    assert not spec.needs_pseudo_labels and not spec.runs_stage1
+    assert validate_spec({"kind": "stage2", **zero}).kind == "stage2"  # valid without pseudo-labels
+    assert "weighted 0" in str(SpecError(errors_of({"stage2": {"loss_weights": dict.fromkeys(LOSS_TERMS, 0)}})))
+
+    external = {"data": {"pseudo_label_dir": "p"}}
+    scribble_only = {"stage2": {"losses": {"segc": False, "dc": False, "lorm": False}}}
+    lam = {"search": {"space": {"stage2.lambda_s": {"grid": [1, 2]}}}}
+    toggles_lorm = {"search": {"space": {"stage2.losses.lorm": {"grid": [False, True]}}}}
+    cases = [  # (spec, runs stage 1)
+        ({"kind": "pipeline"}, True),
+        ({"kind": "pipeline", **external}, False),
+        ({"kind": "pipeline", **scribble_only}, False),
+        ({"kind": "stage1"}, True),
+        ({"kind": "stage1", **scribble_only}, True),
+        ({"kind": "stage1", **external}, False),
+        ({"kind": "stage2", **external}, False),
+        ({"kind": "stage2", **scribble_only}, False),
+        ({"kind": "search", **lam}, True),
+        ({"kind": "search", **lam, **external}, False),
+        ({"kind": "search", **lam, **scribble_only}, False),
+        ({"kind": "search", **toggles_lorm, **scribble_only}, True),
+    ]
+    for raw, expected in cases:
+        assert validate_spec(raw).runs_stage1 is expected, raw
