@@ -26,9 +26,9 @@ from torch.utils.data import DataLoader, Subset
 
 from cdsp_core.data.dataset import WholeImageDataset, image_labels, same_size_batches
 from cdsp_core.data.files import write_label
-from cdsp_core.data.layout import Layout
+from cdsp_core.data.layout import IGNORE, Layout
 from cdsp_core.engine import autocast, restrict_to_present
-from cdsp_core.metrics import IGNORE, QUALITY_KEYS, LabelQuality
+from cdsp_core.metrics import QUALITY_KEYS, LabelQuality
 from cdsp_core.refine import random_walk
 from cdsp_core.runner import Runner, unwrap
 from cdsp_core.spec import ExperimentSpec, Stage1Spec

@@ -15,7 +15,6 @@ import math
 import cv2
 import numpy as np
 
-IGNORE = 255
 _CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
 
 

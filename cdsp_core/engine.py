@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
+from cdsp_core import runs
 from cdsp_core.data.dataset import (
     ClassificationDataset,
     TrainDataset,
@@ -39,7 +40,6 @@ from cdsp_core.runner import (
     EpochTimer,
     Runner,
     append_metrics,
-    checkpoint_name,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -404,7 +404,7 @@ def train_segmentor(
     )  # fmt: skip
     if not final:  # resumed after the last epoch: evaluate the loaded model once more
         evaluate_fn(model, s2.epochs)
-    final.update(epochs=s2.epochs, checkpoint=f"checkpoints/{checkpoint_name('stage2', s2.epochs)}", row=row)
+    final.update(epochs=s2.epochs, checkpoint=f"checkpoints/{runs.checkpoint_name('stage2', s2.epochs)}", row=row)
     return model, final
 
 
@@ -497,7 +497,7 @@ def stage1_checkpoint(spec: ExperimentSpec) -> str:
     """The run-folder path of the final stage-1 classifier's checkpoint (the last round's last epoch)."""
     s1 = spec.stage1
     epochs = s1.round_epochs if s1.rounds > 1 else s1.epochs
-    return f"checkpoints/{checkpoint_name(stage1_name(s1.rounds), epochs)}"
+    return f"checkpoints/{runs.checkpoint_name(stage1_name(s1.rounds), epochs)}"
 
 
 def train_classifier(

@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-IGNORE = 255
+from cdsp_core.data.layout import IGNORE
 
 
 def label_colours(n: int = 256) -> np.ndarray:

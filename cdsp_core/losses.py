@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-IGNORE = 255
+from cdsp_core.data.layout import IGNORE
 
 
 def _upsample(logits: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:

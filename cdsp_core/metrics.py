@@ -6,9 +6,8 @@ from collections.abc import Callable
 
 import torch
 
+from cdsp_core.data.layout import IGNORE
 from cdsp_core.runs import QUALITY_KEYS
-
-IGNORE = 255
 
 
 class ConfusionMatrix:

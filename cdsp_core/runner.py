@@ -90,10 +90,6 @@ def append_metrics(run: str, row: dict[str, Any]) -> None:
             f.write(line)
 
 
-def checkpoint_name(stage: str, epoch: int) -> str:
-    return f"{stage}-epoch{epoch:03d}.pt"
-
-
 def list_checkpoints(run: str, stage: str) -> list[str]:
     """Checkpoint file names of a stage in the run folder, oldest first."""
     names = runs.listdir(runs.join(run, runs.CHECKPOINTS))
@@ -138,7 +134,7 @@ def save_checkpoint(runner: Runner, stage: str, epoch: int, state: dict[str, Any
     """
     import tempfile
 
-    name = checkpoint_name(stage, epoch)
+    name = runs.checkpoint_name(stage, epoch)
     folder = Path(tempfile.mkdtemp(prefix="cdsp-ckpt-"))
     buf = io.BytesIO()
     torch.save(state, buf)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,14 @@ CHECKPOINTS = "checkpoints"
 FIGURES = "figures"
 LOGS = "logs"
 PSEUDO_LABELS = "pseudo_labels"
+CHECKPOINT_RE = re.compile(r"^(?P<stage>[a-z0-9_-]+)-epoch(?P<epoch>\d+)\.pt$")
+"""A checkpoint's file name under checkpoints/: the stage (stage1, stage1-round2, stage2...) and the epoch."""
+
+
+def checkpoint_name(stage: str, epoch: int) -> str:
+    """The file name of a stage's checkpoint after an epoch (matches CHECKPOINT_RE)."""
+    return f"{stage}-epoch{epoch:03d}.pt"
+
 
 QUALITY_KEYS = (
     "pseudo_label_miou",

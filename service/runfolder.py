@@ -15,7 +15,6 @@ from cdsp_core.spec import ExperimentSpec, grid_size
 
 # Names the download routes accept: one plain file name, never a path.
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
-_CKPT = re.compile(r"^(?P<stage>[a-z0-9_-]+)-epoch(?P<epoch>\d+)\.pt$")
 
 
 def total_epochs(spec: ExperimentSpec) -> int:
@@ -100,7 +99,7 @@ def checkpoints(run_dir: str) -> list[dict[str, Any]]:
             size = runs.size(runs.join(folder, name))
         except FileNotFoundError:  # deleted by keep_checkpoints rotation between list and stat
             continue
-        m = _CKPT.match(name)
+        m = runs.CHECKPOINT_RE.match(name)
         found.append(
             {
                 "name": name,

@@ -16,11 +16,9 @@ import cv2
 import numpy as np
 
 from cdsp_core.data.files import read_label, write_label
-from cdsp_core.data.layout import Layout, read_ids
+from cdsp_core.data.layout import IGNORE, Layout, read_ids
 from cdsp_core.data.scribbles import image_seed
 from cdsp_core.spec import DataSpec
-
-IGNORE = 255
 
 
 def degrade(

@@ -8,9 +8,7 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from cdsp_core.data.layout import DatasetError
-
-IGNORE = 255
+from cdsp_core.data.layout import IGNORE, DatasetError
 
 
 def read_image(path: Path) -> np.ndarray:

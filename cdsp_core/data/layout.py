@@ -11,6 +11,9 @@ from pathlib import Path
 
 from cdsp_core.spec import DataSpec
 
+IGNORE = 255
+"""The label value of unlabelled pixels, in scribbles, pseudo-labels and ground truth alike."""
+
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
     "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",

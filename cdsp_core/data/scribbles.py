@@ -21,10 +21,9 @@ from scipy import sparse
 from scipy.sparse import csgraph
 
 from cdsp_core.data.files import read_label, write_label
-from cdsp_core.data.layout import Layout, read_ids
+from cdsp_core.data.layout import IGNORE, Layout, read_ids
 from cdsp_core.spec import DataSpec
 
-IGNORE = 255
 _OFFSETS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) > (0, 0)]
 
 

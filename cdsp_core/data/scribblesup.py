@@ -17,9 +17,8 @@ import cv2
 import numpy as np
 
 from cdsp_core.data.files import write_label
-from cdsp_core.data.layout import VOC_CLASSES, DatasetError
+from cdsp_core.data.layout import IGNORE, VOC_CLASSES, DatasetError
 
-IGNORE = 255
 # Names seen in VOC-derived annotations for the same class.
 ALIASES = {"tv": "tvmonitor", "tv/monitor": "tvmonitor", "plane": "aeroplane", "airplane": "aeroplane",
            "motorcycle": "motorbike", "dining table": "diningtable", "table": "diningtable",

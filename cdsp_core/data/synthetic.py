@@ -20,7 +20,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-IGNORE = 255
+from cdsp_core.data.layout import IGNORE
+
 SHAPES = ("ellipse", "rectangle", "triangle", "star", "ring", "cross", "crescent", "hexagon")
 TEXTURES = ("stripes", "checker", "dots", "blobs", "waves", "plain")
 PALETTE = np.array(
