@@ -14,12 +14,14 @@ import time
 import zlib
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
@@ -59,7 +61,8 @@ def epoch_seed(seed: int, stage: str, rank: int, epoch: int) -> int:
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
-    """Learning rate before optimizer step `step` (0-based): linear warm-up from 0, then cosine to 0."""
+    """Learning rate before optimizer step `step` (0-based): linear warm-up from 0, then cosine to 0
+    (with base_lr 1, the factor a LambdaLR applies to each parameter group's own rate)."""
     if step < warmup_steps:
         return base_lr * step / warmup_steps
     if total_steps <= warmup_steps:
@@ -133,14 +136,18 @@ def fit(
     # would move it anyway. Batches follow `runner.device` too (`_to`).
     model = runner.prepare_model(model.to(runner.device))
     optimizer = make_optimizer(unwrap(model))
+    steps_per_epoch = len(loader)
+    total, warmup = epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch)
+    # Made before the optimizer's state is loaded: it records each group's initial lr (the base one).
+    scheduler = LambdaLR(optimizer, partial(lr_at, total_steps=total, warmup_steps=warmup, base_lr=1.0))
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         start_epoch, step, last_row = state["epoch"] + 1, state["step"], state.get("row", {})
         if runner.is_main:
             runner.log(f"{stage}: resuming from {resume} at epoch {start_epoch}")
-    steps_per_epoch = len(loader)
-    total, warmup = epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch)
+    lr = optimizer.param_groups[0]["lr"]
     for epoch in range(start_epoch, epochs + 1):
         timer = EpochTimer()
         # Each rank's random stream for this epoch (shuffling, the loader workers' seeds, hence the
@@ -156,20 +163,19 @@ def fit(
             loader, desc=f"{stage} {epoch}/{epochs}", leave=False, disable=not (runner.is_main and runner.progress)
         )
         for batch in bar:
-            factor = lr_at(step, total, warmup, 1.0)
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * factor
+            lr = optimizer.param_groups[0]["lr"]
             with autocast(runner.device, amp):
                 loss, terms = compute_loss(model, batch, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            scheduler.step()
             step += 1
             for name, value in {"loss": loss.detach(), **{f"loss_{k}": v for k, v in terms.items()}}.items():
                 sums[name] = sums.get(name, 0) + value.float()
             if runner.on_step is not None:
                 runner.on_step(stage, epoch, step)
-        row = _epoch_row(stage, epoch, epochs, step, sums, steps_per_epoch, runner, optimizer)
+        row = _epoch_row(stage, epoch, epochs, step, sums, steps_per_epoch, runner, lr)
         if evaluate_fn is not None:
             row.update(evaluate_fn(model, epoch))
         row["epoch_seconds"] = timer.seconds()
@@ -183,6 +189,7 @@ def fit(
                 "step": step,
                 "model": unwrap(model).state_dict(),
                 "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
                 "rng": rng_state(),
                 "spec": spec.model_dump(mode="json"),
                 "row": row,
@@ -205,7 +212,7 @@ def _epoch_row(
     sums: dict[str, torch.Tensor],
     steps: int,
     runner: Runner,
-    optimizer: torch.optim.Optimizer,
+    lr: float,
 ) -> dict[str, Any]:
     names = sorted(sums)
     # One all-reduce of all the running sums: the epoch means over every rank's batches.
@@ -214,7 +221,7 @@ def _epoch_row(
     if stacked is not None:
         stacked = runner.all_reduce(stacked) / (steps * runner.world_size)
         row.update({n: round(float(v), 6) for n, v in zip(names, stacked.tolist(), strict=True)})
-    row["lr"] = optimizer.param_groups[0]["lr"]
+    row["lr"] = lr  # of the epoch's last step
     return row
 
 
@@ -536,7 +543,7 @@ def train_classifier(
         return stage1_loss(net(t["image"]), t, s1.dense_weight)
 
     def make_optimizer(net: nn.Module) -> torch.optim.Optimizer:
-        params = [{"params": list(net.parameters()), "lr": lr, "base_lr": lr}]
+        params = [{"params": list(net.parameters()), "lr": lr}]
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=s1.weight_decay)
 
     def evaluate_fn(net: nn.Module, epoch: int) -> dict[str, Any]:

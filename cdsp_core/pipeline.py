@@ -86,13 +86,13 @@ def fetch_atomically(location: str, local: Path) -> None:
     """Download a finished pseudo-label folder to `local` under a file lock, into a temporary folder
     renamed into place, so that processes sharing this machine (Ray workers, search trials) fetch
     it once and never read a half-fetched folder."""
-    import fcntl
     import os
     import shutil
 
+    from filelock import FileLock
+
     local.parent.mkdir(parents=True, exist_ok=True)
-    with open(local.parent / f".{local.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with FileLock(local.parent / f".{local.name}.lock"):
         if (local / COMPLETE).is_file():  # another process fetched it meanwhile
             return
         tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=local.parent))

@@ -170,9 +170,9 @@ class Segmentor(nn.Module):
         return out
 
     def param_groups(self, lr: float, head_lr_mult: float) -> list[dict]:
-        """Backbone at `lr`, head and LoRM at `lr * head_lr_mult` (each group keeps its base)."""
+        """Backbone at `lr`, head and LoRM at `lr * head_lr_mult` (the schedule scales each group's own rate)."""
         head = [p for n, p in self.named_parameters() if not n.startswith("backbone.")]
         return [
-            {"params": list(self.backbone.parameters()), "lr": lr, "base_lr": lr},
-            {"params": head, "lr": lr * head_lr_mult, "base_lr": lr * head_lr_mult},
+            {"params": list(self.backbone.parameters()), "lr": lr},
+            {"params": head, "lr": lr * head_lr_mult},
         ]

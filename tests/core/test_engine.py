@@ -145,6 +145,13 @@ def test_resume_after_an_interrupted_epoch_is_exact(tiny_synth, tmp_path):
     a = load_checkpoint(runs.local_path(runs.join(straight, "checkpoints/stage2-epoch002.pt")))
     b = load_checkpoint(runs.local_path(runs.join(broken, "checkpoints/stage2-epoch002.pt")))
     assert a["step"] == b["step"] == 4
+    # The schedule (a LambdaLR over lr_at) resumes too: 2 steps per epoch, warm-up over the first epoch,
+    # so the last step of each epoch runs at half the base rate (end of warm-up; half-way down the cosine).
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 4
+    assert [g["lr"] for g in a["optimizer"]["param_groups"]] == [g["lr"] for g in b["optimizer"]["param_groups"]]
+    for run in (straight, broken):
+        rates = [r["lr"] for r in runs.read_jsonl(runs.join(run, runs.METRICS)) if r["stage"] == "stage2"]
+        assert rates == pytest.approx([0.01, 0.01]), run
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     for (ka, sa), (kb, sb) in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].items(), strict=True):
