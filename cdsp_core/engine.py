@@ -142,9 +142,15 @@ def fit(
     scheduler = LambdaLR(optimizer, partial(lr_at, total_steps=total, warmup_steps=warmup, base_lr=1.0))
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         start_epoch, step, last_row = state["epoch"] + 1, state["step"], state.get("row", {})
+        if "scheduler" in state:
+            scheduler.load_state_dict(state["scheduler"])
+        else:  # written before the schedule was saved: its step count says where the schedule stands
+            scheduler.last_epoch = step
+            for group in optimizer.param_groups:  # those groups kept their base rate as "base_lr"
+                group["initial_lr"] = group.pop("base_lr")
+                group["lr"] = group["initial_lr"] * lr_at(step, total, warmup, 1.0)
         if runner.is_main:
             runner.log(f"{stage}: resuming from {resume} at epoch {start_epoch}")
     lr = optimizer.param_groups[0]["lr"]

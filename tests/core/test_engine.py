@@ -160,6 +160,34 @@ def test_resume_after_an_interrupted_epoch_is_exact(tiny_synth, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_checkpoint_without_the_schedule_resumes_where_its_step_count_says(tiny_synth, tmp_path):
+    """Checkpoints written before the schedule was saved kept each group's base rate as "base_lr"."""
+    spec = tiny_spec(tiny_synth)
+    straight = str(tmp_path / "straight")
+    run_pipeline(spec, straight, Runner(run=straight, progress=False), figures=False)
+
+    old = str(tmp_path / "old")
+
+    def die_in_epoch_2(stage, epoch, step):
+        if stage == "stage2" and epoch == 2:
+            raise Interrupt(f"killed at step {step}")
+
+    with pytest.raises(Interrupt):
+        run_pipeline(spec, old, Runner(run=old, progress=False, on_step=die_in_epoch_2), figures=False)
+    path = runs.local_path(runs.join(old, "checkpoints/stage2-epoch001.pt"))
+    state = load_checkpoint(path)
+    del state["scheduler"]
+    for group in state["optimizer"]["param_groups"]:
+        group["base_lr"] = group.pop("initial_lr")
+    torch.save(state, path)
+    run_pipeline(spec, old, Runner(run=old, progress=False), figures=False)
+    a = load_checkpoint(runs.local_path(runs.join(straight, "checkpoints/stage2-epoch002.pt")))
+    b = load_checkpoint(runs.local_path(runs.join(old, "checkpoints/stage2-epoch002.pt")))
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+@pytest.mark.slow
 def test_a_finished_run_resumes_to_the_same_result(tiny_synth, tmp_path):
     spec = tiny_spec(tiny_synth, **{"stage2.epochs": 1})
     out = str(tmp_path / "run")
