@@ -256,6 +256,7 @@ def _print_result(result: dict, out: str) -> None:
 def _run_on_ray(spec: object, out: str, address: str) -> None:
     """Hand the spec to the Ray job entrypoint (the same one the service's jobs run)."""
     import os
+    import signal
     import subprocess
     import sys
     import tempfile
@@ -266,7 +267,19 @@ def _run_on_ray(spec: object, out: str, address: str) -> None:
     if address != "local":
         cmd += ["--address", address]
     try:
-        code = subprocess.call(cmd, env=os.environ.copy())
+        child = subprocess.Popen(cmd, env=os.environ.copy())
+        # A SIGTERM to `cdsp` reaches the driver, which stops the cluster it started (Ctrl-C reaches
+        # both through the terminal's process group; the driver handles it).
+        forward = {
+            s: signal.signal(s, lambda signum, _: child.send_signal(signum)) for s in (signal.SIGTERM, signal.SIGHUP)
+        }
+        previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            code = child.wait()
+        finally:
+            for s, handler in forward.items():
+                signal.signal(s, handler)
+            signal.signal(signal.SIGINT, previous_int)
     finally:
         os.unlink(f.name)
     if code:

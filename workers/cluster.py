@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +126,19 @@ def _stop(head: subprocess.Popen[bytes], timeout: float = 3.0) -> None:
     head.wait(timeout=10)
 
 
+def _terminate_with_parent() -> Callable[[], None] | None:
+    """What the head's process runs before exec: on Linux, ask for SIGTERM when the process that started
+    it dies, even by SIGKILL (which runs no cleanup), so that a killed driver leaves no cluster behind.
+    The C function is looked up here, in the parent: the forked child only calls it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    pr_set_pdeathsig = 1
+    return lambda: prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+
+
 @contextmanager
 def local_cluster(
     num_cpus: int | None = None, num_gpus: int | None = None, dashboard: bool = True, timeout: float = 120.0
@@ -147,6 +160,7 @@ def local_cluster(
         head = subprocess.Popen(
             _head_command(num_cpus, num_gpus, dashboard_port, temp), env={**os.environ, **auth, **metrics_ports},
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=_terminate_with_parent(),
         )  # fmt: skip
     try:
         address = _wait_started(head, log, timeout)

@@ -16,7 +16,10 @@ at once, without touching Ray.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import yaml
@@ -67,6 +70,23 @@ def one_line(exc: BaseException) -> str:
     return (prefix + " ".join(text.split()))[:1000]
 
 
+@contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM (and SIGHUP) interrupt this driver as Ctrl-C does, so that the blocks around it run their
+    cleanup: a local cluster it started is stopped, not left running. Ray's job supervisor stops
+    a job's driver with SIGTERM too, then SIGKILL a few seconds later."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
 def execute(spec: ExperimentSpec, out: str, address: str | None, num_cpus: int | None) -> dict[str, Any]:
     """Everything after the spec is read: checks, then the run on Ray (or the finished result)."""
     from workers.preflight import check_dataset, check_space, finished_result
@@ -79,7 +99,7 @@ def execute(spec: ExperimentSpec, out: str, address: str | None, num_cpus: int |
     check_dataset(spec)  # dataset problems are reported before a cluster is started
     from workers.cluster import connect
 
-    with connect(address, num_cpus=num_cpus) as cluster:
+    with stop_on_sigterm(), connect(address, num_cpus=num_cpus) as cluster:
         where = "a local Ray cluster" if cluster.started else "Ray"
         print(f"running {spec.kind} {spec.name!r} on {where} at {cluster.address}", flush=True)
         if cluster.dashboard_url:
