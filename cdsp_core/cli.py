@@ -202,13 +202,17 @@ def run(
         list[str] | None, typer.Option("--set", help="Override a spec key: key=value (repeatable).")
     ] = None,
     ray: Annotated[
-        str | None,
+        bool,
         typer.Option(
             "--ray",
-            # Typer has no options with an optional value: the `cdsp` script turns a bare --ray
-            # (last, or followed by another option) into `--ray local` (service.cli.main).
-            help="Run through Ray (Train DDP, Tune): `--ray` alone or `--ray local` starts a local cluster, "
-            "`--ray ADDRESS` (host:port, or `auto` inside a cluster) joins one.",
+            help="Run through Ray (Train DDP, Tune): on the cluster of --address, else of RAY_ADDRESS, else on a "
+            "local cluster started for this run and stopped after it.",
+        ),
+    ] = False,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address", help="The Ray cluster to run on (implies --ray): host:port, or `auto` inside a cluster."
         ),
     ] = None,
     progress: Annotated[bool, typer.Option(help="Progress bars (the line per epoch is always printed).")] = True,
@@ -220,8 +224,8 @@ def run(
         spec = load_spec(config, set_ or [])
     except SpecError as exc:
         fail(str(exc))
-    if ray is not None:
-        _run_on_ray(spec, out, ray)
+    if ray or address is not None:
+        _run_on_ray(spec, out, address)
         return
     import torch
 
@@ -253,7 +257,7 @@ def _print_result(result: dict, out: str) -> None:
         console.print(f"checkpoint: {out.rstrip('/')}/{result['checkpoint']}")
 
 
-def _run_on_ray(spec: object, out: str, address: str) -> None:
+def _run_on_ray(spec: object, out: str, address: str | None) -> None:
     """Hand the spec to the Ray job entrypoint (the same one the service's jobs run)."""
     import os
     import signal
@@ -264,7 +268,7 @@ def _run_on_ray(spec: object, out: str, address: str) -> None:
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         f.write(spec.to_yaml())  # type: ignore[attr-defined]
     cmd = [sys.executable, "-m", "workers.run", "--spec", f.name, "--out", out]
-    if address != "local":
+    if address is not None:
         cmd += ["--address", address]
     try:
         child = subprocess.Popen(cmd, env=os.environ.copy())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -39,22 +38,9 @@ def demo(
     raise typer.Exit(run_demo(config, data_dir, set_ or [], timeout))
 
 
-def bare_ray_means_local(argv: list[str]) -> list[str]:
-    """`--ray` with no value (last, or followed by another option) means `--ray local`.
-
-    Typer has no options with an optional value, so the console script fills it in.
-    """
-    out: list[str] = []
-    for i, arg in enumerate(argv):
-        out.append(arg)
-        if arg == "--ray" and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
-            out.append("local")
-    return out
-
-
 def main() -> None:
     """The `cdsp` console script."""
-    app(args=bare_ray_means_local(sys.argv[1:]), prog_name="cdsp")
+    app(prog_name="cdsp")
 
 
-__all__ = ["app", "bare_ray_means_local", "main"]
+__all__ = ["app", "main"]

@@ -88,3 +88,11 @@ def test_predict_names_a_missing_checkpoint(invoke, tmp_path: Path) -> None:
     result = invoke("predict", tmp_path / "nope.pt", tmp_path / "x.jpg", "--out", tmp_path / "m")
     assert result.exit_code != 0
     assert "nope.pt" in result.output
+
+
+def test_ray_is_a_flag_and_the_cluster_an_option(invoke, tmp_path: Path) -> None:
+    """`--ray` takes no value (a word after it is refused by name); `--address` names the cluster."""
+    result = invoke("run", REPO / "configs/synthetic-demo.yaml", "--out", tmp_path / "o", "--ray", "local")
+    assert result.exit_code == 2 and "local" in result.output
+    help_text = " ".join(invoke("run", "--help").output.split())
+    assert "--ray" in help_text and "--address" in help_text and "implies --ray" in help_text

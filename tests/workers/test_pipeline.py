@@ -1,4 +1,4 @@
-"""The whole pipeline through the entrypoint on the session cluster, as `cdsp run --ray ADDRESS` runs it:
+"""The whole pipeline through the entrypoint on the session cluster, as `cdsp run --address ADDRESS` runs it:
 stage 1 (2 DDP workers) and its pseudo-labels split across them, stage 2, evaluation, run folder."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def test_full_pipeline_then_rerun_returns_at_once(ray_cluster: Any, tiny_synth: 
     config.write_text(tiny_spec(tiny_synth, stage1__rounds=2, stage1__round_epochs=1).to_yaml())
     start = time.perf_counter()
     cli = ["-m", "cdsp_core.cli", "run", str(config), "--out", str(out), "--set", "stage2.epochs=1"]
-    proc = run_entrypoint([*cli, "--ray", ray_cluster.address], timeout=360)
+    proc = run_entrypoint([*cli, "--address", ray_cluster.address], timeout=360)
     wall = time.perf_counter() - start
     print(f"full pipeline on Ray: {wall:.1f} s")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -57,7 +57,7 @@ def test_full_pipeline_then_rerun_returns_at_once(ray_cluster: Any, tiny_synth: 
     # The same command on the finished folder: answered from result.json, nothing trained or rewritten.
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     start = time.perf_counter()
-    again = run_entrypoint([*cli, "--ray", ray_cluster.address], timeout=120)
+    again = run_entrypoint([*cli, "--ray", "--address", ray_cluster.address], timeout=120)
     print(f"re-run of the finished pipeline: {time.perf_counter() - start:.1f} s")
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert "already holds the finished run" in again.stdout
