@@ -1,18 +1,18 @@
 """A small REST client of the control plane, used by the `cdsp` client verbs and the demo.
 
-Server from `CDSP_URL` (default http://127.0.0.1:8000), token from `CDSP_TOKEN`, else the token
-file a local service generated (`{CDSP_DATA_DIR or ./cdsp-data}/api-token`).
+Server and token from `ClientSettings` (`CDSP_URL`, `CDSP_TOKEN`, else the token file of a local
+service under `CDSP_DATA_DIR`, default ./cdsp-data).
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class ApiError(Exception):
@@ -31,17 +31,31 @@ def format_detail(detail: Any) -> str:
     return str(detail)
 
 
-def default_token() -> str | None:
-    if token := os.environ.get("CDSP_TOKEN"):
-        return token
-    path = Path(os.environ.get("CDSP_DATA_DIR", "cdsp-data")) / "api-token"
-    return path.read_text().strip() if path.is_file() else None
+class ClientSettings(BaseSettings):
+    """Where the client finds the service, from the environment (`CDSP_URL`, `CDSP_TOKEN`, `CDSP_DATA_DIR`),
+    read like the server's `Settings`."""
+
+    model_config = SettingsConfigDict(env_prefix="CDSP_", extra="ignore", use_attribute_docstrings=True)
+
+    url: str = "http://127.0.0.1:8000"
+    """The control plane's base URL."""
+    token: str | None = None
+    """The API token; unset = the token file a local service wrote under `data_dir`."""
+    data_dir: Path = Path("cdsp-data")
+    """The local service's folder (its `api-token` file)."""
+
+    def api_token(self) -> str | None:
+        if self.token:
+            return self.token
+        path = self.data_dir / "api-token"
+        return path.read_text().strip() if path.is_file() else None
 
 
 class Client:
     def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 30.0):
-        self.url = (url or os.environ.get("CDSP_URL") or "http://127.0.0.1:8000").rstrip("/")
-        token = token or default_token()
+        settings = ClientSettings()
+        self.url = (url or settings.url).rstrip("/")
+        token = token or settings.api_token()
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
