@@ -507,23 +507,28 @@ def validate_spec(data: Mapping[str, Any]) -> ExperimentSpec:
 
 
 def load_spec(source: str | Path | Mapping[str, Any], overrides: Iterable[str] = ()) -> ExperimentSpec:
-    """Load a spec from a YAML file (or a mapping) and apply `--set key=value` overrides."""
+    """Load a spec from a YAML file (a local path or a storage URI such as s3://bucket/spec.yaml) or a
+    mapping, and apply `--set key=value` overrides. The one spec reader of the CLI, the job entrypoint
+    and the preflight; every problem is a SpecError naming the file or the key."""
     if isinstance(source, Mapping):
         data: dict[str, Any] = copy.deepcopy(dict(source))
     else:
-        path = Path(source)
+        from cdsp_core import runs  # storage URIs go through fsspec
+
+        location = str(source)
         try:
-            text = path.read_text()
-        except OSError as exc:
-            raise SpecError([("", f"cannot read spec file {path}: {exc.strerror}")]) from None
+            text = runs.read_text(location)
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise SpecError([("", f"cannot read spec file {location}: {reason}")]) from None
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise SpecError([("", f"{path} is not valid YAML: {exc}")]) from None
+            raise SpecError([("", f"{location} is not valid YAML: {exc}")]) from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
-            raise SpecError([("", f"{path} must hold a mapping, not {type(loaded).__name__}")])
+            raise SpecError([("", f"{location} must hold a mapping, not {type(loaded).__name__}")])
         data = loaded
     for item in overrides:
         key, value = parse_override(item)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import yaml
-
 from cdsp_core import runs
 from cdsp_core.data.layout import DatasetError, Layout, check_layout, read_ids
 from cdsp_core.spec import ExperimentSpec, SpecError, load_spec
@@ -55,7 +53,7 @@ def finished_result(spec: ExperimentSpec, run: str) -> dict[str, Any] | None:
     if not isinstance(result, dict) or not runs.exists(stored):
         return None
     try:
-        same = load_spec(yaml.safe_load(runs.read_text(stored)) or {}) == spec
-    except (SpecError, yaml.YAMLError):
+        same = load_spec(stored) == spec
+    except SpecError:
         return None
     return result if same else None

@@ -22,29 +22,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import yaml
-
 from cdsp_core import runs
 from cdsp_core.data.layout import DatasetError
 from cdsp_core.spec import ExperimentSpec, SpecError, load_spec
 from workers.preflight import SearchError
 
 USAGE_ERROR, RUN_ERROR, INTERRUPTED = 2, 1, 130
-
-
-def read_spec(location: str) -> ExperimentSpec:
-    """A spec from a local YAML file or a storage URI."""
-    try:
-        text = runs.read_text(location)
-    except (OSError, ValueError) as exc:
-        raise SpecError([("", f"cannot read spec {location}: {exc}")]) from None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise SpecError([("", f"{location} is not valid YAML: {exc}")]) from None
-    if not isinstance(data, dict):
-        raise SpecError([("", f"{location} must hold a mapping, not {type(data).__name__}")])
-    return load_spec(data)
 
 
 def one_line(exc: BaseException) -> str:
@@ -135,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     code, message = 0, ""
     try:
-        spec = read_spec(args.spec)
+        spec = load_spec(args.spec)
         result = execute(spec, args.out, args.address, args.num_cpus)
         print(summary(result, args.out), flush=True)
     except (SpecError, DatasetError, SearchError) as exc:

@@ -477,3 +477,15 @@ def test_one_rule_decides_whether_stage1_runs():
     ]
     for raw, expected in cases:
         assert validate_spec(raw).runs_stage1 is expected, raw
+
+
+def test_a_spec_from_a_storage_uri():
+    """The job entrypoint reads its spec from the run's storage: the same reader, the same errors."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/specs/a.yaml", b"name: remote\nstage2: {epochs: 3}\n")
+    spec = load_spec("memory://specs/a.yaml", ["stage2.lr=0.5"])
+    assert (spec.name, spec.stage2.epochs, spec.stage2.lr) == ("remote", 3, 0.5)
+    with pytest.raises(SpecError, match=r"cannot read spec file memory://specs/missing\.yaml"):
+        load_spec("memory://specs/missing.yaml")

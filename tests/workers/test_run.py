@@ -2,22 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
-
-from cdsp_core.spec import SpecError
-from workers.run import one_line, read_spec, summary
-
-
-def test_read_spec_errors_name_the_problem(tmp_path: Path) -> None:
-    with pytest.raises(SpecError, match="cannot read spec"):
-        read_spec(str(tmp_path / "missing.yaml"))
-    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
-    with pytest.raises(SpecError, match="must hold a mapping, not list"):
-        read_spec(str(tmp_path / "list.yaml"))
-    (tmp_path / "ok.yaml").write_text("name: x\nstage2: {epochs: 3}\n")
-    assert read_spec(str(tmp_path / "ok.yaml")).stage2.epochs == 3
+from workers.run import one_line, summary
 
 
 def test_one_line_keeps_the_root_cause_of_a_remote_traceback() -> None:
