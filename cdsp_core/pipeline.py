@@ -17,7 +17,7 @@ from torch import nn
 
 from cdsp_core import runs
 from cdsp_core.cam import generate_pseudo_labels, label_quality, quality_row
-from cdsp_core.data.layout import DatasetError, Layout, check_layout
+from cdsp_core.data.layout import Layout, require_layout
 from cdsp_core.data.scribbles import scribble_folder
 from cdsp_core.engine import (
     build_stage1_model,
@@ -37,9 +37,7 @@ def prepare_run(spec: ExperimentSpec, run: str, is_main: bool = True) -> Path:
     """Write spec.yaml, refuse a dataset that does not hold the layout, return the scribble folder."""
     if is_main:
         runs.write_text(runs.join(run, runs.SPEC), spec.to_yaml())
-    problems = check_layout(spec.data, need_pseudo=spec.data.pseudo_label_dir is not None)
-    if problems:
-        raise DatasetError("dataset problems: " + "; ".join(problems))
+    require_layout(spec.data)
     return scribble_folder(spec.data)
 
 

@@ -39,7 +39,9 @@ def ensure_dataset(spec: ExperimentSpec) -> None:
         assert meta is not None
         console.print(f"{root} holds {meta['size']} px images of {meta['num_classes']} classes; generating anew")
     elif root.exists() and any(root.iterdir()):
-        raise SystemExit(f"error: {root} exists but is not a complete dataset: {check_layout(spec.data)}")
+        raise SystemExit(
+            f"error: {root} exists but is not a complete dataset: {'; '.join(map(str, check_layout(spec.data)))}"
+        )
     from cdsp_core.data.synthetic import generate
 
     console.print(f"generating the synthetic dataset in {root} ...")

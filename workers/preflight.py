@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from cdsp_core import runs
-from cdsp_core.data.layout import DatasetError, Layout, check_layout, read_ids
+from cdsp_core.data.layout import DatasetError, Layout, read_ids, require_layout
 from cdsp_core.spec import ExperimentSpec, SpecError, load_spec
 
 
@@ -17,9 +17,7 @@ class SearchError(ValueError):
 def check_dataset(spec: ExperimentSpec) -> None:
     """Raise DatasetError for a dataset that does not hold the layout (the check `prepare_run` makes),
     or whose training split cannot fill a batch on every worker (the engine's `make_train_loader` rule)."""
-    problems = check_layout(spec.data, need_pseudo=spec.data.pseudo_label_dir is not None)
-    if problems:
-        raise DatasetError("dataset problems: " + "; ".join(problems))
+    require_layout(spec.data)
     workers = spec.resources.num_workers
     n = len(read_ids(Layout.from_spec(spec.data).train_list))
     stages = [("stage 2", spec.stage2.batch_size)] if spec.kind != "stage1" else []

@@ -84,24 +84,36 @@ def read_ids(path: Path) -> list[str]:
     return ids
 
 
-def check_layout(data: DataSpec, need_pseudo: bool = False) -> list[str]:
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a dataset: the spec key it concerns and what is wrong."""
+
+    field: str
+    """Dotted spec key (`data.scribble_dir`, `data.train_list`...)."""
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+def check_layout(data: DataSpec, need_pseudo: bool = False) -> list[Problem]:
     """Problems with a dataset root's layout (empty list = fine), cheap enough for an API call.
 
     Checks folders and lists, and that the first few ids of each split have their files.
     """
     lay = Layout.from_spec(data)
-    problems: list[str] = []
+    problems: list[Problem] = []
     if not lay.root.is_dir():
-        return [f"data.root {lay.root} is not a directory"]
+        return [Problem("data.root", f"{lay.root} is not a directory")]
     for name, folder in (
         ("data.image_dir", lay.image_dir),
         ("data.scribble_dir", lay.scribble_dir),
         ("data.gt_dir", lay.gt_dir),
     ):
         if not folder.is_dir():
-            problems.append(f"{name}: folder {folder} is missing")
+            problems.append(Problem(name, f"folder {folder} is missing"))
     if need_pseudo and lay.pseudo_label_dir is not None and not lay.pseudo_label_dir.is_dir():
-        problems.append(f"data.pseudo_label_dir: folder {lay.pseudo_label_dir} is missing")
+        problems.append(Problem("data.pseudo_label_dir", f"folder {lay.pseudo_label_dir} is missing"))
     for name, lst, files in (
         ("data.train_list", lay.train_list, (lay.image, lay.scribble)),
         ("data.val_list", lay.val_list, (lay.image, lay.gt)),
@@ -109,11 +121,26 @@ def check_layout(data: DataSpec, need_pseudo: bool = False) -> list[str]:
         try:
             ids = read_ids(lst)
         except DatasetError as exc:
-            problems.append(f"{name}: {exc}")
+            problems.append(Problem(name, str(exc)))
             continue
         for sample_id in ids[:3]:
             for path_of in files:
                 p = path_of(sample_id)
                 if p.parent.is_dir() and not p.is_file():
-                    problems.append(f"{name}: {p} is missing")
+                    problems.append(Problem(name, f"{p} is missing"))
     return problems
+
+
+_CHECKED: set[str] = set()
+
+
+def require_layout(data: DataSpec) -> None:
+    """Raise DatasetError naming every layout problem (external pseudo-labels included); a dataset that
+    passed is not checked again by this process (each DDP worker and stage would repeat it)."""
+    key = data.model_dump_json()
+    if key in _CHECKED:
+        return
+    problems = check_layout(data, need_pseudo=data.pseudo_label_dir is not None)
+    if problems:
+        raise DatasetError("dataset problems: " + "; ".join(map(str, problems)))
+    _CHECKED.add(key)

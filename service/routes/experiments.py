@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import re
 from pathlib import Path as FsPath
 from typing import Annotated, Any, Literal
 
@@ -45,11 +44,7 @@ def dataset_problems(spec: ExperimentSpec) -> list[tuple[str, str]]:
         problems = check_layout(spec.data, need_pseudo=spec.data.pseudo_label_dir is not None) if visible else []
     except (OSError, ValueError) as exc:  # e.g. a NUL byte in the path
         return [("data.root", f"not a usable path: {exc}")]
-    out = []
-    for problem in problems:
-        m = re.match(r"(data\.\w+)", problem)
-        out.append((m.group(1) if m else "data.root", problem))
-    return out
+    return [(p.field, str(p)) for p in problems]
 
 
 # Far beyond any real run, and within a 32-bit integer column on PostgreSQL.

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from cdsp_core.data.layout import VOC_CLASSES, DatasetError, Layout, check_layout, read_ids
+from cdsp_core.data.layout import VOC_CLASSES, DatasetError, Layout, check_layout, read_ids, require_layout
 from cdsp_core.spec import DataSpec
 
 
@@ -55,7 +55,7 @@ def test_generated_set_is_fine(tiny_synth):
 
 def test_missing_root(tmp_path):
     problems = check_layout(DataSpec(root=str(tmp_path / "nope")))
-    assert len(problems) == 1 and "data.root" in problems[0] and "nope" in problems[0]
+    assert len(problems) == 1 and problems[0].field == "data.root" and "nope" in problems[0].message
 
 
 @pytest.mark.parametrize(
@@ -70,7 +70,8 @@ def test_missing_folder_is_named(synth, folder, field):
     shutil.rmtree(synth / folder)
     problems = check_layout(DataSpec(root=str(synth), num_classes=3))
     assert len(problems) == 1
-    assert field in problems[0] and folder in problems[0] and "missing" in problems[0]
+    assert problems[0].field == field and folder in problems[0].message and "missing" in problems[0].message
+    assert str(problems[0]).startswith(f"{field}: ")
 
 
 def test_missing_list_and_files_are_named(synth):
@@ -78,20 +79,30 @@ def test_missing_list_and_files_are_named(synth):
     (synth / "pascal_2012_scribble/train_00001.png").unlink()
     problems = check_layout(DataSpec(root=str(synth), num_classes=3))
     assert len(problems) == 2
-    assert any("data.val_list" in p and "val.txt" in p and "missing" in p for p in problems)
-    assert any("data.train_list" in p and "train_00001.png" in p for p in problems)
+    assert any(p.field == "data.val_list" and "val.txt" in p.message and "missing" in p.message for p in problems)
+    assert any(p.field == "data.train_list" and "train_00001.png" in p.message for p in problems)
 
 
 def test_missing_val_ground_truth_and_pseudo_folder(synth):
     (synth / "SegmentationClassAug/val_00000.png").unlink()
     data = DataSpec(root=str(synth), num_classes=3, pseudo_label_dir="pl")
     problems = check_layout(data, need_pseudo=True)
-    assert any("data.val_list" in p and "val_00000.png" in p for p in problems)
-    assert any("data.pseudo_label_dir" in p and "pl" in p for p in problems)
-    assert not any("pseudo" in p for p in check_layout(data))  # not asked for
+    assert any(p.field == "data.val_list" and "val_00000.png" in p.message for p in problems)
+    assert any(p.field == "data.pseudo_label_dir" and "pl" in p.message for p in problems)
+    assert not any("pseudo" in p.field for p in check_layout(data))  # not asked for
 
 
 def test_renamed_folders_follow_the_spec(synth):
     (synth / "pascal_2012_scribble").rename(synth / "scribbles")
     assert check_layout(DataSpec(root=str(synth), num_classes=3))
     assert check_layout(DataSpec(root=str(synth), num_classes=3, scribble_dir="scribbles")) == []
+
+
+def test_require_layout_names_every_problem_and_checks_a_good_dataset_once(synth):
+    data = DataSpec(root=str(synth), num_classes=3)
+    require_layout(data)
+    shutil.rmtree(synth / "JPEGImages")
+    require_layout(data)  # it passed in this process: not checked again (every worker and stage asks)
+    broken = DataSpec(root=str(synth), num_classes=3, gt_dir="nope")
+    with pytest.raises(DatasetError, match=r"data\.image_dir: folder .*JPEGImages is missing; data\.gt_dir: folder"):
+        require_layout(broken)
