@@ -7,7 +7,6 @@ functions below) inside Ray Train workers. Everything lands in the run folder (`
 from __future__ import annotations
 
 import hashlib
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -144,10 +143,6 @@ def load_stage1_model(spec: ExperimentSpec, run: str) -> nn.Module | None:
     return model
 
 
-def write_result(run: str, result: dict[str, Any]) -> None:
-    runs.write_text(runs.join(run, runs.RESULT), json.dumps(result, indent=2) + "\n")
-
-
 def run_pipeline(spec: ExperimentSpec, out: str, runner: Runner | None = None, figures: bool = True) -> dict[str, Any]:
     """Run the experiment in this process and write the run folder; returns result.json's content.
 
@@ -159,37 +154,35 @@ def run_pipeline(spec: ExperimentSpec, out: str, runner: Runner | None = None, f
     runner = runner or Runner(run=out, device=default_device(spec.resources.use_gpu))
     start = time.perf_counter()
     scribble_dir = prepare_run(spec, out, runner.is_main)
-    result: dict[str, Any] = {"name": spec.name, "kind": spec.kind, "miou": None, **quality_row(None)}
-    epochs: dict[str, int] = {}
+    result = runs.RunResult(spec.name, spec.kind)
     classifier: nn.Module | None = None
     pseudo_dir: Path | None = None
     if spec.data.pseudo_label_dir is not None:
         pseudo_dir = Layout.from_spec(spec.data).pseudo_label_dir
         assert pseudo_dir is not None
-        result.update(quality_row(label_quality(spec, pseudo_dir, scribble_dir, runner)))
+        result.set_quality(quality_row(label_quality(spec, pseudo_dir, scribble_dir, runner)))
     elif spec.runs_stage1:
         done = finished_pseudo_labels(out)
         if done is not None:
             pseudo_dir, recorded = done
-            result.update(recorded)
+            result.set_quality(recorded)
         else:
             pseudo_dir = pseudo_label_dir(out)
             classifier, row = stage1(spec, runner, scribble_dir=scribble_dir, out_dir=pseudo_dir)
-            result.update({k: row[k] for k in QUALITY_KEYS})
+            result.set_quality(row)
             if runner.is_main:
                 publish_pseudo_labels(out, pseudo_dir, row)
                 if runner.verbose:
-                    runner.log(f"pseudo-labels -> {pseudo_dir}: {runs.describe_quality(result)}")
-        epochs["stage1"] = spec.stage1.total_epochs
+                    runner.log(f"pseudo-labels -> {pseudo_dir}: {runs.describe_quality(row)}")
+        result.epochs["stage1"] = spec.stage1.total_epochs
     model = None
     if spec.kind == "stage1":
-        result["checkpoint"] = stage1_checkpoint(spec)
+        result.checkpoint = stage1_checkpoint(spec)
     else:
         model, final = train_segmentor(spec, runner, scribble_dir=scribble_dir, pseudo_dir=pseudo_dir)
-        result.update(miou=final["miou"], per_class_iou=final["per_class_iou"], checkpoint=final["checkpoint"])
-        epochs["stage2"] = spec.stage2.epochs
-    result["epochs"] = epochs
-    result["duration_s"] = round(time.perf_counter() - start, 2)
+        result.set_final(final)
+        result.epochs["stage2"] = spec.stage2.epochs
+    result.duration_s = round(time.perf_counter() - start, 2)
     if runner.is_main:
         if figures:
             from cdsp_core.figures import run_figures
@@ -197,5 +190,5 @@ def run_pipeline(spec: ExperimentSpec, out: str, runner: Runner | None = None, f
             if classifier is None and spec.runs_stage1:
                 classifier = load_stage1_model(spec, out)
             run_figures(spec, out, model, classifier, pseudo_dir, scribble_dir, runner.device)
-        write_result(out, result)
-    return result
+        runs.write_result(out, result)
+    return result.to_dict()

@@ -21,9 +21,10 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlparse
 
 SPEC = "spec.yaml"
@@ -52,6 +53,56 @@ QUALITY_KEYS = (
 """Pseudo-label quality (percent, training split) that every run making or reading pseudo-labels
 records in metrics.jsonl and result.json: the pseudo-label's mIoU and the trivial label's ("scribbled
 pixels keep their class, every other pixel is background"), on all pixels and on unscribbled ones."""
+
+
+@dataclass
+class RunResult:
+    """What result.json holds: one shape for every kind of run and every launcher (this process, Ray
+    Train, a Tune trial, a search), written by `write_result`."""
+
+    name: str
+    kind: str
+    miou: float | None = None
+    """Final validation mIoU (percent); None for a stage-1 run."""
+    per_class_iou: list[float] | None = None
+    checkpoint: str | None = None
+    """The final checkpoint, relative to the run folder."""
+    epochs: dict[str, int] = field(default_factory=dict)
+    """Epochs trained per stage (stage 1 counts every round)."""
+    duration_s: float = 0.0
+    pseudo_label_miou: float | None = None
+    pseudo_label_unscribbled_miou: float | None = None
+    trivial_label_miou: float | None = None
+    trivial_label_unscribbled_miou: float | None = None
+    trial: str | None = None
+    """A search trial: its name and parameters."""
+    params: dict[str, Any] | None = None
+    best_trial: str | None = None
+    """A search: its best trial (whose params, miou and checkpoint are the search's) and its trial count."""
+    trials: int | None = None
+
+    SEARCH_ONLY: ClassVar[tuple[str, ...]] = ("trial", "params", "best_trial", "trials")
+
+    def set_quality(self, row: Mapping[str, Any]) -> None:
+        """The pseudo-label quality keys (QUALITY_KEYS) from a metrics row or another result."""
+        for key in QUALITY_KEYS:
+            setattr(self, key, row.get(key))
+
+    def set_final(self, final: Mapping[str, Any]) -> None:
+        """Stage 2's final evaluation: mIoU, per-class IoU, checkpoint."""
+        self.miou, self.per_class_iou, self.checkpoint = final["miou"], final["per_class_iou"], final["checkpoint"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """result.json's content: the search keys only where they are set."""
+        out = asdict(self)
+        return {k: v for k, v in out.items() if not (k in self.SEARCH_ONLY and v is None)}
+
+
+def write_result(run: str, result: RunResult) -> dict[str, Any]:
+    """Write result.json into the run folder; returns its content."""
+    content = result.to_dict()
+    write_text(join(run, RESULT), json.dumps(content, indent=2) + "\n")
+    return content
 
 
 def describe_quality(row: dict[str, Any]) -> str:

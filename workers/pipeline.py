@@ -17,7 +17,7 @@ from cdsp_core.cam import label_quality, quality_row
 from cdsp_core.data.layout import Layout
 from cdsp_core.data.scribbles import scribble_folder
 from cdsp_core.engine import stage1_checkpoint
-from cdsp_core.pipeline import COMPLETE, prepare_run, recorded_quality, write_result
+from cdsp_core.pipeline import COMPLETE, prepare_run, recorded_quality
 from cdsp_core.runner import Runner
 from cdsp_core.spec import ExperimentSpec
 from workers.preflight import finished_result
@@ -58,21 +58,17 @@ def run_on_ray(spec: ExperimentSpec, out: str, log: Log = print) -> dict[str, An
     start = time.perf_counter()
     prepare_run(spec, out)  # spec.yaml, and DatasetError before any training
     wspec = worker_spec(spec)
-    result: dict[str, Any] = {"name": spec.name, "kind": spec.kind, "miou": None, **quality_row(None)}
-    epochs: dict[str, int] = {}
+    result = runs.RunResult(spec.name, spec.kind)
     if spec.data.pseudo_label_dir is not None:
-        result.update(external_quality(wspec, out))
+        result.set_quality(external_quality(wspec, out))
     elif spec.runs_stage1:
-        result.update(ensure_pseudo_labels(wspec, out, log, figures=spec.kind == "stage1"))
-        epochs["stage1"] = spec.stage1.total_epochs
+        result.set_quality(ensure_pseudo_labels(wspec, out, log, figures=spec.kind == "stage1"))
+        result.epochs["stage1"] = spec.stage1.total_epochs
     if spec.kind == "stage1":
-        result["checkpoint"] = stage1_checkpoint(spec)
+        result.checkpoint = stage1_checkpoint(spec)
     else:
         log(f"stage 2: {spec.resources.num_workers} worker(s), {spec.stage2.epochs} epoch(s)")
-        final = run_stage(stage2_worker, "stage2", wspec, out, pseudo_from=out)
-        result.update(miou=final["miou"], per_class_iou=final["per_class_iou"], checkpoint=final["checkpoint"])
-        epochs["stage2"] = spec.stage2.epochs
-    result["epochs"] = epochs
-    result["duration_s"] = round(time.perf_counter() - start, 2)
-    write_result(out, result)
-    return result
+        result.set_final(run_stage(stage2_worker, "stage2", wspec, out, pseudo_from=out))
+        result.epochs["stage2"] = spec.stage2.epochs
+    result.duration_s = round(time.perf_counter() - start, 2)
+    return runs.write_result(out, result)

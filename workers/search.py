@@ -26,7 +26,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from cdsp_core import runs
 from cdsp_core.cam import quality_row
-from cdsp_core.pipeline import prepare_run, write_result
+from cdsp_core.pipeline import prepare_run
 from cdsp_core.runner import append_metrics, list_checkpoints
 from cdsp_core.spec import Domain, ExperimentSpec, validate_spec
 from workers.cluster import env_vars, job_env
@@ -89,12 +89,11 @@ def run_trial(
     final = run_stage(
         stage2_worker, "stage2", worker_spec(spec), run, pseudo_from=pseudo_from, callbacks=[TuneReportCallback()]
     )
-    write_result(run, {
-        "name": spec.name, "kind": spec.kind, "miou": final["miou"],
-        **pseudo_quality, "per_class_iou": final["per_class_iou"],
-        "checkpoint": final["checkpoint"], "epochs": {"stage2": spec.stage2.epochs},
-        "duration_s": round(time.perf_counter() - start, 2), "trial": name, "params": config,
-    })  # fmt: skip
+    result = runs.RunResult(spec.name, spec.kind, epochs={"stage2": spec.stage2.epochs}, trial=name, params=config)
+    result.set_quality(pseudo_quality)
+    result.set_final(final)
+    result.duration_s = round(time.perf_counter() - start, 2)
+    runs.write_result(run, result)
 
 
 # ---- what the search folder gets ----------------------------------------------------------
@@ -293,11 +292,10 @@ def run_search(spec: ExperimentSpec, out: str, log: Log = print) -> dict[str, An
         errors = [f"{e['trial']}: {e.get('error')}" for e in entries if e["status"] == "error"]
         raise RuntimeError(f"no trial of the search finished ({len(entries)} trials); " + "; ".join(errors[:2]))
     trial_result = runs.read_json(runs.join(out, TRIALS_DIR, best["trial"], runs.RESULT)) or {}
-    result = {
-        "name": spec.name, "kind": "search", "best_trial": best["trial"], "miou": best["miou"],
-        "params": best["params"], "checkpoint": best["checkpoint"], **pseudo_quality,
-        "per_class_iou": trial_result.get("per_class_iou"), "epochs": epochs,
-        "trials": len(entries), "duration_s": round(time.perf_counter() - start, 2),
-    }  # fmt: skip
-    write_result(out, result)
-    return result
+    result = runs.RunResult(
+        spec.name, "search", miou=best["miou"], per_class_iou=trial_result.get("per_class_iou"),
+        checkpoint=best["checkpoint"], epochs=epochs, params=best["params"], best_trial=best["trial"],
+        trials=len(entries), duration_s=round(time.perf_counter() - start, 2),
+    )  # fmt: skip
+    result.set_quality(pseudo_quality)
+    return runs.write_result(out, result)

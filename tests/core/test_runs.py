@@ -96,3 +96,16 @@ def test_storage_options_only_for_s3(monkeypatch):
     monkeypatch.setenv("CDSP_S3_ENDPOINT", "http://127.0.0.1:9000")
     assert runs.storage_options("s3://b/k")["client_kwargs"] == {"endpoint_url": "http://127.0.0.1:9000"}
     assert "client_kwargs" not in runs.storage_options("/tmp/x")
+
+
+def test_run_result_is_the_one_shape_of_result_json(tmp_path):
+    result = runs.RunResult("exp", "pipeline", epochs={"stage1": 3})
+    result.set_quality({"pseudo_label_miou": 80.0, "trivial_label_miou": 40.0, "other": 1})
+    result.set_final({"miou": 55.5, "per_class_iou": [90.0, 21.0], "checkpoint": "checkpoints/stage2-epoch002.pt"})
+    written = runs.write_result(str(tmp_path), result)
+    assert runs.read_json(str(tmp_path / runs.RESULT)) == written
+    assert written["miou"] == 55.5 and written["pseudo_label_miou"] == 80.0 and "other" not in written
+    assert set(runs.QUALITY_KEYS) <= set(written) and written["pseudo_label_unscribbled_miou"] is None
+    assert not set(runs.RunResult.SEARCH_ONLY) & set(written)  # a single run has no search keys
+    search = runs.RunResult("s", "search", best_trial="t1", params={"stage2.lambda_s": 2.0}, trials=4).to_dict()
+    assert (search["best_trial"], search["trials"], "trial" in search) == ("t1", 4, False)
