@@ -132,9 +132,11 @@ def join(location: str | os.PathLike[str], *parts: str) -> str:
 
 
 def _fs(location: str) -> tuple[Any, str]:
+    """The fsspec filesystem of a location and the path on it: local paths and file:// URIs get the
+    local filesystem, s3:// (and any other scheme fsspec knows) its own."""
     import fsspec
 
-    fs, path = fsspec.core.url_to_fs(location, **storage_options(location))
+    fs, path = fsspec.core.url_to_fs(str(location), **storage_options(str(location)))
     return fs, path
 
 
@@ -164,15 +166,11 @@ def local_path(location: str | os.PathLike[str]) -> Path:
 
 
 def exists(location: str) -> bool:
-    if not is_remote(location):
-        return local_path(location).exists()
     fs, path = _fs(location)
     return bool(fs.exists(path))
 
 
 def read_bytes(location: str) -> bytes:
-    if not is_remote(location):
-        return local_path(location).read_bytes()
     fs, path = _fs(location)
     return bytes(fs.cat_file(path))
 
@@ -200,11 +198,8 @@ def write_text(location: str, text: str) -> None:
 
 def listdir(location: str) -> list[str]:
     """Names (not paths) of the entries directly under a folder; empty if it does not exist."""
-    if not is_remote(location):
-        path = local_path(location)
-        return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
     fs, path_ = _fs(location)
-    if not fs.isdir(path_):  # missing, or a file: no entries, as for a local path
+    if not fs.isdir(path_):  # missing, or a file: no entries
         return []
     # Writers that create folders (pyarrow, so Ray Train) leave a "folder/" marker object, which
     # s3fs lists as an entry of the folder itself: skip it, and any name listed twice.
@@ -213,16 +208,12 @@ def listdir(location: str) -> list[str]:
 
 
 def size(location: str) -> int:
-    if not is_remote(location):
-        return local_path(location).stat().st_size
     fs, path = _fs(location)
     return int(fs.size(path))
 
 
 def open_read(location: str) -> Any:
     """A binary file object for streaming reads."""
-    if not is_remote(location):
-        return local_path(location).open("rb")
     fs, path = _fs(location)
     return fs.open(path, "rb")
 
@@ -297,9 +288,6 @@ def read_json(location: str) -> Any | None:
 
 def remove(location: str) -> None:
     """Delete one file; a missing file is not an error."""
-    if not is_remote(location):
-        local_path(location).unlink(missing_ok=True)
-        return
     fs, path = _fs(location)
     if fs.exists(path):
         fs.rm_file(path)
