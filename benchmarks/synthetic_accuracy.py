@@ -331,7 +331,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="row groups to run (table2, stage1, lorm, geometry, table3...)")
     parser.add_argument("--datasets", nargs="*", help="run only the rows of these datasets (main, single, 64px)")
     args = parser.parse_args()
-    args.runs = args.runs or str(ROOT / f"runs/synthetic-accuracy-{args.size}px")
+    # Absolute: run folders become data.pseudo_label_dir, which a spec resolves against data.root.
+    args.runs = str(Path(args.runs).resolve()) if args.runs else str(ROOT / f"runs/synthetic-accuracy-{args.size}px")
     start = time.perf_counter()
     bases = {name: study_spec(args, name) for name in DATASETS}
     args.seeds = args.seeds or [args.seed]
