@@ -121,13 +121,11 @@ class Interrupt(RuntimeError):
     pass
 
 
-@pytest.mark.slow
-def test_resume_after_an_interrupted_epoch_is_exact(tiny_synth, tmp_path):
-    spec = tiny_spec(tiny_synth)
+def straight_and_interrupted(spec, tmp_path, name: str) -> tuple[str, str]:
+    """A run straight through, and one stopped in stage 2's second epoch (its first checkpoint kept)."""
     straight = str(tmp_path / "straight")
     run_pipeline(spec, straight, Runner(run=straight, progress=False), figures=False)
-
-    broken = str(tmp_path / "broken")
+    broken = str(tmp_path / name)
 
     def die_in_epoch_2(stage, epoch, step):
         if stage == "stage2" and epoch == 2:
@@ -135,6 +133,13 @@ def test_resume_after_an_interrupted_epoch_is_exact(tiny_synth, tmp_path):
 
     with pytest.raises(Interrupt):
         run_pipeline(spec, broken, Runner(run=broken, progress=False, on_step=die_in_epoch_2), figures=False)
+    return straight, broken
+
+
+@pytest.mark.slow
+def test_resume_after_an_interrupted_epoch_is_exact(tiny_synth, tmp_path):
+    spec = tiny_spec(tiny_synth)
+    straight, broken = straight_and_interrupted(spec, tmp_path, "broken")
     assert list_checkpoints(broken, "stage2") == ["stage2-epoch001.pt"]
     logs = []
     result = run_pipeline(spec, broken, Runner(run=broken, progress=False, log=logs.append), figures=False)
@@ -163,17 +168,7 @@ def test_resume_after_an_interrupted_epoch_is_exact(tiny_synth, tmp_path):
 def test_a_checkpoint_without_the_schedule_resumes_where_its_step_count_says(tiny_synth, tmp_path):
     """Checkpoints written before the schedule was saved kept each group's base rate as "base_lr"."""
     spec = tiny_spec(tiny_synth)
-    straight = str(tmp_path / "straight")
-    run_pipeline(spec, straight, Runner(run=straight, progress=False), figures=False)
-
-    old = str(tmp_path / "old")
-
-    def die_in_epoch_2(stage, epoch, step):
-        if stage == "stage2" and epoch == 2:
-            raise Interrupt(f"killed at step {step}")
-
-    with pytest.raises(Interrupt):
-        run_pipeline(spec, old, Runner(run=old, progress=False, on_step=die_in_epoch_2), figures=False)
+    straight, old = straight_and_interrupted(spec, tmp_path, "old")
     path = runs.local_path(runs.join(old, "checkpoints/stage2-epoch001.pt"))
     state = load_checkpoint(path)
     del state["scheduler"]
