@@ -260,6 +260,37 @@ def run_stage1(variant: str, dataset: str, args: argparse.Namespace, base: Exper
     return str(out / runs.PSEUDO_LABELS)
 
 
+# ---- earlier results --------------------------------------------------------------------------------
+
+# The arguments that make two calls' rows comparable (the runs folder and the row filters do not).
+STUDY_ARGS = ("size", "train", "val", "classes", "epochs", "lr", "head_lr_mult", "output_stride", "main_level", "seed")
+
+
+def record_key(row: Row | dict[str, Any]) -> tuple:
+    get = row.get if isinstance(row, dict) else lambda k: getattr(row, k)
+    return (get("group"), get("label"), get("source"), get("dataset") or "main", get("seed"))
+
+
+def recorded_results(args: argparse.Namespace, results: Path) -> tuple[dict[tuple, dict[str, Any]], dict[str, Any]]:
+    """Rows and pseudo-label figures that an earlier call recorded in `results`/synthetic-accuracy.json
+    with the same study arguments: kept in the report when their run folders are gone (another machine,
+    a cleaned runs/). The sources' folders themselves are not reused: a row that runs makes its own."""
+    payload = runs.read_json(str(results / "synthetic-accuracy.json"))
+    if not payload:
+        return {}, {}
+    before = payload.get("args", {})
+    same = all(before.get(k) == getattr(args, k) for k in STUDY_ARGS) and (
+        Path(before.get("pretrained") or "").name == Path(args.pretrained or "").name
+    )
+    if not same:
+        return {}, {}
+    fixed = ("group", "label", "source", "dataset", "seed")
+    rows = {record_key(r): {k: v for k, v in r.items() if k not in fixed} for r in payload.get("rows", [])}
+    figure = re.compile(r"-(quality|train-s|s-per-image|cls-map)$")
+    figures = {k: v for k, v in payload.get("pseudo", {}).items() if figure.search(k)}
+    return rows, figures
+
+
 # ---- running rows -----------------------------------------------------------------------------------
 
 
@@ -337,11 +368,13 @@ def main() -> None:
     bases = {name: study_spec(args, name) for name in DATASETS}
     args.seeds = args.seeds or [args.seed]
     earlier = {int(m[1]) for p in Path(args.runs).glob("*-seed*") if (m := re.search(r"-seed(\d+)$", p.name))}
+    recorded, cache = recorded_results(args, Path(args.results))
+    earlier |= {int(r["seed"]) for r in recorded.values() if r.get("seed") is not None}
     args.all_seeds = sorted(set(args.seeds) | earlier | {args.seed})
     rows = with_seeds(build_rows(args.main_level), args.all_seeds, args.seed)
-    for row in rows:  # rows an earlier call finished are reported too
-        row.result = runs.read_json(str(Path(args.runs) / row.key / runs.RESULT)) or {}
-    cache: dict[str, Any] = {}
+    for row in rows:  # rows an earlier call finished are reported too: from their run folder, else the record
+        found = runs.read_json(str(Path(args.runs) / row.key / runs.RESULT))
+        row.result = dict(found) if found else recorded.get(record_key(row), {})
 
     def report() -> None:
         write_report(rows, cache, args, describe(args, bases["main"]), time.perf_counter() - start, Path(args.results))
@@ -354,6 +387,8 @@ def main() -> None:
             args.datasets and row.dataset not in args.datasets
         ):
             continue
+        if row.result and not (Path(args.runs) / row.key / runs.RESULT).exists():
+            continue  # recorded by an earlier call whose run folder is gone: not run again
         row.result = run_row(row, args, bases[row.dataset], cache)
         for twin in rows:  # the same run reported in another group
             if twin.key == row.key:
@@ -362,7 +397,7 @@ def main() -> None:
               f"mIoU {fmt(row.result.get('miou'))}", flush=True)  # fmt: skip
         report()  # partial results survive a stop
     for row in rows:  # qualities of sources an earlier call made
-        if row.result and row.source is not None and row.source_id not in cache:
+        if row.result and row.source is not None and f"{row.source_id}-quality" not in cache:
             pseudo_dir(row, args, bases[row.dataset], cache)
     report()
 
