@@ -8,9 +8,10 @@ on, the ground truth standing in for external pseudo-labels: the same work as re
 only after the last epoch. Each run writes a fresh run folder.
 
 Configurations, all on the same `--cores` CPU cores and the same global batch:
-- plain: `cdsp_core.engine.train_segmentor` with the default Runner in a fresh process, torch
-  intra-op threads = cores (what `cdsp run` does, minus the figures).
-- ray-1: `workers.train.run_stage(stage2_worker)` with 1 worker of `cores` CPUs (torch threads = cores).
+- plain: the stage function `cdsp_core.pipeline.stage2` with the default Runner in a fresh process,
+  torch intra-op threads = cores (what `cdsp run` does, minus the figures).
+- ray-1: the same stage function through `workers.train.RayLauncher`, 1 worker of `cores` CPUs
+  (torch threads = cores).
 - ray-2: the same with `cores/2` CPUs per worker over 2 workers: DDP over gloo, each worker computing
   half of the batch with `cores/2` threads.
 A local Ray cluster (`workers.cluster.local_cluster`: free ports, token auth, dashboard) is started
@@ -62,29 +63,26 @@ CONFIG = ROOT / "configs" / "synthetic-demo.yaml"
 def run_plain(spec: ExperimentSpec, out: str, threads: int) -> dict[str, Any]:
     """Stage 2 in this process, as `cdsp run` does it (without label quality and figures)."""
     torch.set_num_threads(threads)
-    from cdsp_core.data.layout import Layout
-    from cdsp_core.engine import train_segmentor
-    from cdsp_core.pipeline import prepare_run
+    from cdsp_core.pipeline import stage2
     from cdsp_core.runner import Runner
 
     start = time.time()
-    runner = Runner(run=out, progress=False, verbose=False)
-    scribble_dir = prepare_run(spec, out, runner.is_main)
-    pseudo_dir = Layout.from_spec(spec.data).pseudo_label_dir
-    _, final = train_segmentor(spec, runner, scribble_dir=scribble_dir, pseudo_dir=pseudo_dir)
+    final = stage2(spec, out, Runner(run=out, progress=False, verbose=False), figures=False)
     return {"t_call": start, "t_end": time.time(), "miou": final["miou"], "threads": torch.get_num_threads()}
 
 
 def run_ray(spec: ExperimentSpec, out: str, address: str) -> dict[str, Any]:
     """Stage 2 on the cluster at `address` through the project's Ray Train code."""
-    # Imported first: the auth variables Ray caches at import are already in this child's environment.
+    # workers.cluster before workers.train (Ray): the auth variables Ray caches at import are already in
+    # this child's environment. cdsp_core.pipeline does not import Ray.
+    from cdsp_core.pipeline import stage2
     from workers.cluster import connect
-    from workers.train import run_stage, stage2_worker, worker_spec
+    from workers.train import RayLauncher
 
     t_connect = time.time()
     with connect(address):
         start = time.time()
-        final = run_stage(stage2_worker, "stage2", worker_spec(spec), out, figures=False)
+        final = RayLauncher(lines=None)(stage2, spec, out, figures=False)
         end = time.time()
     return {"t_connect": t_connect, "t_call": start, "t_end": end, "miou": final["miou"]}
 

@@ -1,16 +1,23 @@
-"""The whole method in one process: stage 1 (or external pseudo-labels), stage 2, evaluation.
+"""The stage plan, written once: external pseudo-labels or stage 1 (or its finished labels), stage 2,
+evaluation, result.json.
 
-`cdsp run` calls `run_pipeline`. The Ray driver in `workers/` runs the same steps (the
-functions below) inside Ray Train workers. Everything lands in the run folder (`cdsp_core.runs`).
+`run_pipeline(spec, out, launch)` is the plan. The stage functions `stage1` and `stage2` run on every
+rank of whatever hosts them and do not know which: `InProcess` (`cdsp run`) calls them here with a
+plain `Runner`; `workers.train.RayLauncher` (`cdsp run --ray`, the service's jobs, search trials) runs
+them under a TorchTrainer with a Runner whose hooks are Ray's. Everything lands in the run folder
+(`cdsp_core.runs`), the same folder whichever launcher ran it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from torch import nn
 
@@ -101,10 +108,10 @@ def fetch_atomically(location: str, local: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def stage1(
+def label_rounds(
     spec: ExperimentSpec, runner: Runner, *, scribble_dir: Path, out_dir: Path
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Stage 1 on this rank: the classifier, then its pseudo-labels for this rank's share of the ids.
+    """Stage 1's rounds on this rank: the classifier, then its pseudo-labels for this rank's share of the ids.
 
     With `stage1.rounds` > 1, each later round fine-tunes the classifier on the previous round's
     pseudo-labels (written next to `out_dir`, gathered by `runner.share_labels`) and labels again;
@@ -143,52 +150,158 @@ def load_stage1_model(spec: ExperimentSpec, run: str) -> nn.Module | None:
     return model
 
 
-def run_pipeline(spec: ExperimentSpec, out: str, runner: Runner | None = None, figures: bool = True) -> dict[str, Any]:
-    """Run the experiment in this process and write the run folder; returns result.json's content.
+def external_quality(spec: ExperimentSpec, run: str) -> dict[str, Any]:
+    """Quality of the spec's external pseudo-labels against the training ground truth (in this process)."""
+    folder = Layout.from_spec(spec.data).pseudo_label_dir
+    assert folder is not None
+    return quality_row(label_quality(spec, folder, scribble_folder(spec.data), Runner(run=run, progress=False)))
 
-    Running it again on the same folder resumes: finished pseudo-labels are reused and each stage
-    continues after its latest checkpoint.
-    """
-    if spec.kind == "search":
-        raise ValueError("kind 'search' runs trials on Ray: use `cdsp run CONFIG --ray`")
-    runner = runner or Runner(run=out, device=default_device(spec.resources.use_gpu))
-    start = time.perf_counter()
-    scribble_dir = prepare_run(spec, out, runner.is_main)
-    result = runs.RunResult(spec.name, spec.kind)
-    classifier: nn.Module | None = None
-    pseudo_dir: Path | None = None
+
+def stage_pseudo_dir(spec: ExperimentSpec, pseudo_from: str | None) -> Path | None:
+    """The pseudo-label folder stage 2 reads on this machine: external ones, the finished stage-1 output
+    of the run folder `pseudo_from` (fetched once per machine when remote), or none."""
     if spec.data.pseudo_label_dir is not None:
-        pseudo_dir = Layout.from_spec(spec.data).pseudo_label_dir
-        assert pseudo_dir is not None
-        result.set_quality(quality_row(label_quality(spec, pseudo_dir, scribble_dir, runner)))
-    elif spec.runs_stage1:
-        done = finished_pseudo_labels(out)
-        if done is not None:
-            pseudo_dir, recorded = done
-            result.set_quality(recorded)
-        else:
-            pseudo_dir = pseudo_label_dir(out)
-            classifier, row = stage1(spec, runner, scribble_dir=scribble_dir, out_dir=pseudo_dir)
-            result.set_quality(row)
-            if runner.is_main:
-                publish_pseudo_labels(out, pseudo_dir, row)
-                if runner.verbose:
-                    runner.log(f"pseudo-labels -> {pseudo_dir}: {runs.describe_quality(row)}")
-        result.epochs["stage1"] = spec.stage1.total_epochs
-    model = None
-    if spec.kind == "stage1":
-        result.checkpoint = stage1_checkpoint(spec)
-    else:
-        model, final = train_segmentor(spec, runner, scribble_dir=scribble_dir, pseudo_dir=pseudo_dir)
-        result.set_final(final)
-        result.epochs["stage2"] = spec.stage2.epochs
-    result.duration_s = round(time.perf_counter() - start, 2)
+        return Layout.from_spec(spec.data).pseudo_label_dir
+    if not spec.needs_pseudo_labels:
+        return None
+    done = finished_pseudo_labels(pseudo_from) if pseudo_from else None
+    if done is None:
+        raise RuntimeError(f"stage 2 needs pseudo-labels but {pseudo_from} holds no finished ones")
+    return done[0]
+
+
+# ---- the stage functions: run on every rank, wherever they are launched ---------------------------
+
+
+def stage1(spec: ExperimentSpec, run: str, runner: Runner, *, figures: bool = False) -> dict[str, Any]:
+    """Stage 1 on this rank: every round (`label_rounds`); once every rank wrote its share
+    (`runner.gather_labels`), rank 0 publishes the labels and their quality row. Returns the quality."""
+    scribble_dir = prepare_run(spec, run, is_main=False)
+    out_dir = pseudo_label_dir(run)
+    model, row = label_rounds(spec, runner, scribble_dir=scribble_dir, out_dir=out_dir)
+    runner.gather_labels(out_dir)
     if runner.is_main:
+        publish_pseudo_labels(run, out_dir, row)
+        if runner.verbose:
+            runner.log(f"pseudo-labels -> {runs.join(run, runs.PSEUDO_LABELS)}: {runs.describe_quality(row)}")
         if figures:
             from cdsp_core.figures import run_figures
 
-            if classifier is None and spec.runs_stage1:
-                classifier = load_stage1_model(spec, out)
-            run_figures(spec, out, model, classifier, pseudo_dir, scribble_dir, runner.device)
-        runs.write_result(out, result)
-    return result.to_dict()
+            run_figures(spec, run, None, model, out_dir, scribble_dir, runner.device)
+    return {k: row[k] for k in QUALITY_KEYS}
+
+
+def stage2(
+    spec: ExperimentSpec, run: str, runner: Runner, *, pseudo_from: str | None = None, figures: bool = True
+) -> dict[str, Any]:
+    """Stage 2 on this rank, reading the pseudo-labels of `stage_pseudo_dir`; rank 0 draws the figures.
+    Returns the final evaluation (mIoU, per-class IoU, checkpoint, epochs)."""
+    scribble_dir = prepare_run(spec, run, is_main=False)
+    pseudo_dir = stage_pseudo_dir(spec, pseudo_from)
+    model, final = train_segmentor(spec, runner, scribble_dir=scribble_dir, pseudo_dir=pseudo_dir)
+    if runner.is_main and figures:
+        from cdsp_core.figures import run_figures
+
+        external = spec.data.pseudo_label_dir is not None
+        classifier = load_stage1_model(spec, pseudo_from) if pseudo_from and not external else None
+        run_figures(spec, run, model, classifier, pseudo_dir, scribble_dir, runner.device)
+    return {k: final[k] for k in ("miou", "per_class_iou", "checkpoint", "epochs")}
+
+
+StageFn = Callable[..., dict[str, Any]]
+
+
+class Launcher(Protocol):
+    """Runs a stage function (`stage1`, `stage2`) for a run folder on every rank of its host and
+    returns rank 0's return value; `log` takes the plan's progress lines."""
+
+    def log(self, line: str) -> None: ...
+
+    def __call__(self, fn: StageFn, spec: ExperimentSpec, run: str, **kwargs: Any) -> dict[str, Any]: ...
+
+
+@dataclass
+class InProcess:
+    """The launcher of `cdsp run`: the stage functions in this process, with this Runner's hooks."""
+
+    runner: Runner
+
+    def log(self, line: str) -> None:
+        if self.runner.verbose:
+            self.runner.log(line)
+
+    def __call__(self, fn: StageFn, spec: ExperimentSpec, run: str, **kwargs: Any) -> dict[str, Any]:
+        return fn(spec, run, dataclasses.replace(self.runner, run=run), **kwargs)
+
+
+# ---- the plan ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PseudoLabels:
+    """What stage 2 reads: `source` is the run folder holding finished stage-1 labels (None for external
+    labels or none), `quality` their QUALITY_KEYS (empty without ground truth or labels)."""
+
+    source: str | None
+    quality: dict[str, Any]
+
+
+def pseudo_labels(spec: ExperimentSpec, out: str, launch: Launcher, *, figures: bool = False) -> PseudoLabels:
+    """The pseudo-labels of a run: external ones (measured here), the finished stage-1 labels `out` already
+    holds, or stage 1 launched now; none when stage 2 reads none."""
+    if spec.data.pseudo_label_dir is not None:
+        return PseudoLabels(None, external_quality(spec, out))
+    if not spec.runs_stage1:
+        return PseudoLabels(None, {})
+    if runs.exists(runs.join(out, runs.PSEUDO_LABELS, COMPLETE)):
+        launch.log(f"stage 1: reusing the finished pseudo-labels in {runs.join(out, runs.PSEUDO_LABELS)}")
+    else:
+        launch.log(f"stage 1: {spec.stage1.total_epochs} epoch(s)")
+        launch(stage1, spec, out, figures=figures)
+    return PseudoLabels(out, recorded_quality(out))
+
+
+def run_pipeline(
+    spec: ExperimentSpec,
+    out: str,
+    launch: Launcher | Runner | None = None,
+    *,
+    figures: bool = True,
+    labels: PseudoLabels | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    """Run a `pipeline`, `stage1` or `stage2` experiment into the run folder `out`; returns result.json.
+
+    `launch` runs the stages (default: `InProcess`; a Runner is wrapped in one). `labels` hands stage 2
+    pseudo-labels made elsewhere (a search's, shared by its trials) instead of the spec's own; `fields`
+    go to the RunResult (a trial's name and params). A folder holding this spec's result is answered as
+    it is; any other is resumed: finished pseudo-labels are reused, each stage continues after its
+    latest checkpoint.
+    """
+    if spec.kind == "search":
+        raise ValueError("kind 'search' runs trials on Ray: use `cdsp run CONFIG --ray`")
+    launcher = (
+        launch
+        if launch is not None and not isinstance(launch, Runner)
+        else InProcess(launch or Runner(run=out, device=default_device(spec.resources.use_gpu)))
+    )
+    done = runs.finished_result(spec, out)
+    if done is not None:
+        launcher.log(f"{out} already holds the finished run")
+        return done
+    start = time.perf_counter()
+    prepare_run(spec, out)  # spec.yaml, and DatasetError before any training
+    result = runs.RunResult(spec.name, spec.kind, **fields)
+    if labels is None:
+        labels = pseudo_labels(spec, out, launcher, figures=figures and spec.kind == "stage1")
+        if spec.runs_stage1:
+            result.epochs["stage1"] = spec.stage1.total_epochs
+    result.set_quality(labels.quality)
+    if spec.kind == "stage1":
+        result.checkpoint = stage1_checkpoint(spec)
+    else:
+        launcher.log(f"stage 2: {spec.stage2.epochs} epoch(s)")
+        result.set_final(launcher(stage2, spec, out, pseudo_from=labels.source, figures=figures))
+        result.epochs["stage2"] = spec.stage2.epochs
+    result.duration_s = round(time.perf_counter() - start, 2)
+    return runs.write_result(out, result)

@@ -1,8 +1,10 @@
-"""How the engine talks to its host: a plain process by default, Ray Train in `workers/`.
+"""How the engine and the stage functions talk to their host: a plain process by default, Ray Train
+in `workers/`.
 
 The engine never imports Ray. Everything that differs under DDP is a field here: model and
 loader preparation, the all-reduce of confusion matrices, where the latest checkpoint comes
-from, and `report`, called by every rank at the end of every epoch.
+from, `report` (called by every rank at the end of every epoch), and how the ranks' shares of
+stage 1's pseudo-labels come together (`share_labels`, `gather_labels`).
 """
 
 from __future__ import annotations
@@ -55,6 +57,10 @@ class Runner:
     """Called by every rank once it wrote its share of a stage-1 round's pseudo-labels into `folder`;
     returns when `folder` holds every rank's share on this machine (Ray: a barrier, and on object
     storage an upload and a fetch). The next round trains on them."""
+    gather_labels: Callable[[Path], None] = lambda folder: None
+    """Called by every rank once it wrote its share of stage 1's final pseudo-labels into `folder`;
+    returns when rank 0 may publish the whole folder (Ray: ranks on other nodes upload their share
+    when the run folder is on object storage, then a barrier)."""
     on_step: Callable[[str, int, int], None] | None = None
     """Called after every optimizer step with (stage, epoch, step): progress, fault injection."""
     progress: bool = True

@@ -24,8 +24,11 @@ import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    from cdsp_core.spec import ExperimentSpec
 
 SPEC = "spec.yaml"
 METRICS = "metrics.jsonl"
@@ -105,6 +108,22 @@ def write_result(run: str, result: RunResult) -> dict[str, Any]:
     return content
 
 
+def finished_result(spec: ExperimentSpec, run: str) -> dict[str, Any] | None:
+    """result.json of a complete run of this same spec in `run`, else None (torch-free: a launcher
+    answers a finished run before it imports torch or starts a cluster)."""
+    from cdsp_core.spec import SpecError, load_spec
+
+    result = read_json(join(run, RESULT))
+    stored = join(run, SPEC)
+    if not isinstance(result, dict) or not exists(stored):
+        return None
+    try:
+        same = load_spec(stored) == spec
+    except SpecError:
+        return None
+    return result if same else None
+
+
 def describe_quality(row: dict[str, Any]) -> str:
     """The pseudo-label mIoU beside the trivial label's, on all and on unscribbled pixels, in one phrase
     (results written before the trivial label was measured give the first figure alone)."""
@@ -117,6 +136,23 @@ def describe_quality(row: dict[str, Any]) -> str:
             f"{row['pseudo_label_unscribbled_miou']:.2f} vs {row['trivial_label_unscribbled_miou']:.2f})"
         )
     return text
+
+
+def summary(result: Mapping[str, Any], out: str) -> str:
+    """The last line of a finished run, whichever launcher ran it: `done: ` with the pseudo-label
+    quality, the validation mIoU, a search's best trial, the run time and the final checkpoint."""
+    parts = []
+    if result.get("pseudo_label_miou") is not None:
+        parts.append(describe_quality(dict(result)))
+    if result.get("miou") is not None:
+        parts.append(f"val mIoU {result['miou']:.2f}")
+    if result.get("best_trial"):
+        parts.append(f"best trial {result['best_trial']}")
+    if result.get("duration_s"):
+        parts.append(f"{result['duration_s']:.0f} s")
+    if result.get("checkpoint"):
+        parts.append(f"checkpoint {join(out, result['checkpoint'])}")
+    return "done: " + (", ".join(parts) or "no metrics")
 
 
 def is_remote(location: str | os.PathLike[str]) -> bool:

@@ -1,13 +1,11 @@
-"""What the entrypoint checks before it imports torch or Ray, or starts a cluster: a finished run to
-answer at once, a dataset that does not hold the layout, a search space that cannot be shared."""
+"""What the entrypoint checks before it starts a cluster: a dataset that does not hold the layout or
+cannot fill a batch on every worker, a search space that cannot be shared. (A finished run to answer
+at once: `cdsp_core.pipeline.finished_result`.)"""
 
 from __future__ import annotations
 
-from typing import Any
-
-from cdsp_core import runs
 from cdsp_core.data.layout import DatasetError, Layout, read_ids, require_layout
-from cdsp_core.spec import ExperimentSpec, SpecError, load_spec
+from cdsp_core.spec import ExperimentSpec
 
 
 class SearchError(ValueError):
@@ -42,16 +40,3 @@ def check_space(spec: ExperimentSpec) -> None:
             f"search.space: {shared} change stage 1, whose pseudo-labels every trial shares; "
             "search stage-2 and data keys, or run one pipeline experiment per stage-1 setting"
         )
-
-
-def finished_result(spec: ExperimentSpec, run: str) -> dict[str, Any] | None:
-    """result.json of a complete run of this same spec in `run`, else None."""
-    result = runs.read_json(runs.join(run, runs.RESULT))
-    stored = runs.join(run, runs.SPEC)
-    if not isinstance(result, dict) or not runs.exists(stored):
-        return None
-    try:
-        same = load_spec(stored) == spec
-    except SpecError:
-        return None
-    return result if same else None

@@ -1,7 +1,7 @@
 """The job entrypoint: `python -m workers.run --spec PATH_OR_URI --out URI [--address ADDRESS]`.
 
-The service runs it as a Ray job (`submission_id` = experiment id), `cdsp run --ray` as a
-subprocess. It joins the cluster at `--address`, else `RAY_ADDRESS` (set by Ray for a job's
+The service runs it as a Ray job (`submission_id` = experiment id); `cdsp run --ray` calls its
+body (`run`) in the `cdsp` process. It joins the cluster at `--address`, else `RAY_ADDRESS` (set by Ray for a job's
 driver), else starts a local one on free ports, and runs the experiment into `--out`.
 
 Exit status 0 on success. On failure the last line printed is one line starting with `error: `
@@ -72,7 +72,8 @@ def stop_on_sigterm() -> Iterator[None]:
 
 def execute(spec: ExperimentSpec, out: str, address: str | None, num_cpus: int | None) -> dict[str, Any]:
     """Everything after the spec is read: checks, then the run on Ray (or the finished result)."""
-    from workers.preflight import check_dataset, check_space, finished_result
+    from cdsp_core.runs import finished_result
+    from workers.preflight import check_dataset, check_space
 
     check_space(spec)
     done = finished_result(spec, out)
@@ -91,36 +92,20 @@ def execute(spec: ExperimentSpec, out: str, address: str | None, num_cpus: int |
             from workers.search import run_search
 
             return run_search(spec, out, log=lambda s: print(s, flush=True))
-        from workers.pipeline import run_on_ray
+        from cdsp_core.pipeline import run_pipeline
+        from workers.train import RayLauncher
 
-        return run_on_ray(spec, out, log=lambda s: print(s, flush=True))
-
-
-def summary(result: dict[str, Any], out: str) -> str:
-    parts = []
-    if result.get("pseudo_label_miou") is not None:
-        parts.append(runs.describe_quality(result))
-    if result.get("miou") is not None:
-        parts.append(f"val mIoU {result['miou']:.2f}")
-    if result.get("best_trial"):
-        parts.append(f"best trial {result['best_trial']}")
-    if result.get("checkpoint"):
-        parts.append(f"checkpoint {runs.join(out, result['checkpoint'])}")
-    return "done: " + (", ".join(parts) or "no metrics")
+        return run_pipeline(spec, out, RayLauncher())
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workers.run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--spec", required=True, help="Experiment spec (YAML): a local path or a storage URI.")
-    parser.add_argument("--out", required=True, help="Run folder: a local path or a storage URI (s3://...).")
-    parser.add_argument("--address", default=None, help="Ray cluster address; default RAY_ADDRESS, else local.")
-    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local cluster (default: all).")
-    args = parser.parse_args(argv)
+def run(spec: ExperimentSpec, out: str, address: str | None = None, num_cpus: int | None = None) -> int:
+    """Run `spec` into `out` on Ray and print the summary line, or one `error: ` line; returns the exit
+    status. The entrypoint's body, and `cdsp run --ray`'s (in its own process: this process must not
+    have imported Ray before it starts a local cluster)."""
     code, message = 0, ""
     try:
-        spec = load_spec(args.spec)
-        result = execute(spec, args.out, args.address, args.num_cpus)
-        print(summary(result, args.out), flush=True)
+        result = execute(spec, out, address, num_cpus)
+        print(runs.summary(result, out), flush=True)
     except (SpecError, DatasetError, SearchError) as exc:
         code, message = USAGE_ERROR, " ".join(str(exc).split())
     except KeyboardInterrupt:
@@ -135,6 +120,21 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         print(f"error: {message}", flush=True)
     return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workers.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--spec", required=True, help="Experiment spec (YAML): a local path or a storage URI.")
+    parser.add_argument("--out", required=True, help="Run folder: a local path or a storage URI (s3://...).")
+    parser.add_argument("--address", default=None, help="Ray cluster address; default RAY_ADDRESS, else local.")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local cluster (default: all).")
+    args = parser.parse_args(argv)
+    try:
+        spec = load_spec(args.spec)
+    except SpecError as exc:
+        print(f"error: {' '.join(str(exc).split())}", flush=True)
+        return USAGE_ERROR
+    return run(spec, args.out, args.address, args.num_cpus)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Searches (`kind: search`): Ray Tune over dotted spec keys, one TorchTrainer per trial.
 
-Pseudo-labels are computed once (stage 1 on Ray, into the search folder, or external ones) and
-shared by every trial; each trial trains stage 2 into its own run folder `trials/<trial>/`. Tune
-runs a small function per trial that builds the trial's TorchTrainer with `TuneReportCallback`,
-so every epoch's metrics reach Tune (and ASHA, when `search.scheduler: asha`). The trial itself
+Pseudo-labels are computed once (the pipeline's `pseudo_labels`: stage 1 on Ray into the search
+folder, or external ones) and shared by every trial; each trial is the pipeline's stage 2 into its
+own run folder `trials/<trial>/` (`run_pipeline` with the search's labels). Tune runs a small
+function per trial whose RayLauncher gives the trial's TorchTrainer a `TuneReportCallback`, so
+every epoch's metrics reach Tune (and ASHA, when `search.scheduler: asha`). The trial itself
 holds no CPU: its workers need them. The search folder gets `trials.json` (updated as trials end),
 `result.json` (the best trial), figures, and a `trial` tagged copy of every trial's epoch rows in
 its metrics.jsonl.
@@ -14,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +26,12 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from cdsp_core import runs
-from cdsp_core.cam import quality_row
-from cdsp_core.pipeline import prepare_run
+from cdsp_core.pipeline import PseudoLabels, prepare_run, pseudo_labels, run_pipeline
 from cdsp_core.runner import append_metrics, list_checkpoints
 from cdsp_core.spec import Domain, ExperimentSpec, validate_spec
 from workers.cluster import env_vars, job_env
-from workers.pipeline import Log, ensure_pseudo_labels, external_quality
-from workers.preflight import check_space, finished_result
-from workers.train import ray_storage, run_stage, stage2_worker, worker_spec
+from workers.preflight import check_space
+from workers.train import RayLauncher, ray_storage, worker_spec
 
 TRIALS_DIR = "trials"
 ROW_KEYS = ("stage", "epoch", "epochs", "step", "lr", "loss", "miou", "epoch_seconds", "time")
@@ -68,32 +67,20 @@ def trial_name(trial: Trial) -> str:
 
 
 def run_trial(
-    config: dict[str, Any],
-    base: dict[str, Any],
-    search_dir: str,
-    pseudo_from: str | None,
-    pseudo_quality: dict[str, Any],
-    env: dict[str, str],
+    config: dict[str, Any], base: dict[str, Any], search_dir: str, labels: PseudoLabels, env: dict[str, str]
 ) -> None:
-    """One Tune trial: a stage-2 TorchTrainer into `trials/<trial>/`, reporting every epoch to Tune."""
+    """One Tune trial: the pipeline's stage 2 into `trials/<trial>/` on the search's pseudo-labels,
+    every epoch reported to Tune."""
     os.environ.update(env)
     name = tune.get_context().get_trial_name()
     run = runs.join(search_dir, TRIALS_DIR, name)
     spec = trial_spec(ExperimentSpec.model_validate(base), config, name)
-    done = finished_result(spec, run)
+    done = runs.finished_result(spec, run)
     if done is not None:  # finished before the search was interrupted
         tune.report({"stage": "stage2", "epoch": spec.stage2.epochs, "miou": done["miou"]})
         return
-    start = time.perf_counter()
-    prepare_run(spec, run)
-    final = run_stage(
-        stage2_worker, "stage2", worker_spec(spec), run, pseudo_from=pseudo_from, callbacks=[TuneReportCallback()]
-    )
-    result = runs.RunResult(spec.name, spec.kind, epochs={"stage2": spec.stage2.epochs}, trial=name, params=config)
-    result.set_quality(pseudo_quality)
-    result.set_final(final)
-    result.duration_s = round(time.perf_counter() - start, 2)
-    runs.write_result(run, result)
+    launch = RayLauncher([TuneReportCallback()], lines=None)
+    run_pipeline(spec, run, launch, labels=labels, trial=name, params=config)
 
 
 # ---- what the search folder gets ----------------------------------------------------------
@@ -224,13 +211,12 @@ def _search_figures(search_dir: str, entries: Sequence[dict[str, Any]], out: Pat
 # ---- the driver ---------------------------------------------------------------------------
 
 
-def make_tuner(spec: ExperimentSpec, out: str, pseudo_from: str | None, pseudo_quality: dict[str, Any]) -> tune.Tuner:
+def make_tuner(spec: ExperimentSpec, out: str, labels: PseudoLabels) -> tune.Tuner:
     search = spec.search
     assert search is not None
     trainable = tune.with_parameters(
-        run_trial, base=worker_spec(spec).model_dump(mode="json"), search_dir=out, pseudo_from=pseudo_from,
-        pseudo_quality=pseudo_quality, env=job_env(),
-    )  # fmt: skip
+        run_trial, base=worker_spec(spec).model_dump(mode="json"), search_dir=out, labels=labels, env=job_env()
+    )
     # The trial process only builds and waits on its TorchTrainer: no CPU, so that its workers fit
     # (Tune refuses an empty request; a little memory, which every node has, makes it non-empty).
     trainable = tune.with_resources(trainable, {"CPU": 0, "memory": TRIAL_MEMORY})
@@ -263,25 +249,24 @@ def make_tuner(spec: ExperimentSpec, out: str, pseudo_from: str | None, pseudo_q
     )  # fmt: skip
 
 
-def run_search(spec: ExperimentSpec, out: str, log: Log = print) -> dict[str, Any]:
+def run_search(
+    spec: ExperimentSpec, out: str, log: Callable[[str], None] = lambda line: print(line, flush=True)
+) -> dict[str, Any]:
     """Run a `kind: search` experiment on the connected Ray cluster; returns the search's result.json."""
     assert spec.kind == "search" and spec.search is not None
     check_space(spec)
-    done = finished_result(spec, out)
+    done = runs.finished_result(spec, out)
     if done is not None:
         log(f"{out} already holds the finished search")
         return done
     start = time.perf_counter()
     prepare_run(spec, out)
-    wspec = worker_spec(spec)
-    pseudo_from, pseudo_quality, epochs = None, quality_row(None), {"stage2": spec.stage2.epochs}
-    if spec.data.pseudo_label_dir is not None:
-        pseudo_quality = external_quality(wspec, out)
-    elif spec.runs_stage1:
-        pseudo_quality = ensure_pseudo_labels(wspec, out, log, figures=False)
-        pseudo_from, epochs = out, {"stage1": spec.stage1.total_epochs, **epochs}
+    labels = pseudo_labels(spec, out, RayLauncher(lines=log))
+    epochs = {"stage2": spec.stage2.epochs}
+    if labels.source is not None:
+        epochs = {"stage1": spec.stage1.total_epochs, **epochs}
     log(f"search: {spec.search.max_concurrent_trials} concurrent trial(s) over {sorted(spec.search.space)}")
-    tuner = make_tuner(spec, out, pseudo_from, pseudo_quality)
+    tuner = make_tuner(spec, out, labels)
     # Results without `miou` (epochs between evaluations, `stage2.eval_every`) are normal here.
     with env_vars({"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}):
         tuner.fit()
@@ -297,5 +282,5 @@ def run_search(spec: ExperimentSpec, out: str, log: Log = print) -> dict[str, An
         checkpoint=best["checkpoint"], epochs=epochs, params=best["params"], best_trial=best["trial"],
         trials=len(entries), duration_s=round(time.perf_counter() - start, 2),
     )  # fmt: skip
-    result.set_quality(pseudo_quality)
+    result.set_quality(labels.quality)
     return runs.write_result(out, result)

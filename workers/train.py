@@ -1,9 +1,11 @@
-"""Ray Train adapters: both stages as `train_fn_per_worker`s, and the TorchTrainer that runs one.
+"""The Ray launcher: a stage function of `cdsp_core.pipeline` (`stage1`, `stage2`) run on every worker
+of a TorchTrainer.
 
-Every worker runs the plain engine (`cdsp_core.engine`) with a `Runner` whose hooks are Ray's:
-`prepare_model` (DDP), `prepare_data_loader` (DistributedSampler), a sum all-reduce over the
-process group (gloo on CPU, NCCL on GPU), `ray.train.report` from every rank after every epoch
-with rank 0's checkpoint folder, and resumption from `ray.train.get_checkpoint()`.
+Every worker runs the stage function with a `Runner` whose hooks are Ray's: `prepare_model` (DDP),
+`prepare_data_loader` (DistributedSampler), a sum all-reduce over the process group (gloo on CPU,
+NCCL on GPU), `ray.train.report` from every rank after every epoch with rank 0's checkpoint folder,
+resumption from `ray.train.get_checkpoint()`, and the barriers and node-local uploads that bring
+the ranks' shares of stage 1's pseudo-labels together.
 
 Rank 0 writes the run folder (metrics, checkpoints, figures) exactly as a plain `cdsp run` does;
 Ray keeps its own state (reported checkpoints, run snapshots) under `<run>/ray/<stage>`.
@@ -15,6 +17,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -33,18 +36,7 @@ from ray.train.v2.torch.torch_trainer import TorchTrainer
 
 from cdsp_core import runs
 from cdsp_core.data.layout import Layout, read_ids
-from cdsp_core.engine import train_segmentor
-from cdsp_core.figures import run_figures
-from cdsp_core.pipeline import (
-    COMPLETE,
-    fetch_atomically,
-    finished_pseudo_labels,
-    load_stage1_model,
-    prepare_run,
-    pseudo_label_dir,
-    publish_pseudo_labels,
-    stage1,
-)
+from cdsp_core.pipeline import COMPLETE, StageFn, fetch_atomically
 from cdsp_core.runner import Runner, latest_run_checkpoint, list_checkpoints
 from cdsp_core.spec import ExperimentSpec
 
@@ -53,8 +45,6 @@ RAY_STATE = "ray"
 CONTROLLER_FAILURE_LIMIT_ENV = "CDSP_CONTROLLER_FAILURE_LIMIT"
 DEFAULT_CONTROLLER_FAILURE_LIMIT = 10
 """Worker-group start failures tolerated per stage (one per ~60 s spent waiting for resources)."""
-
-TrainFn = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 # ---- storage ------------------------------------------------------------------------------
@@ -152,10 +142,6 @@ def _barrier(runner: Runner) -> None:
         dist.barrier()
 
 
-def _load(config: dict[str, Any]) -> tuple[ExperimentSpec, str]:
-    return ExperimentSpec.model_validate(config["spec"]), str(config["run"])
-
-
 # ---- train_fn_per_worker ------------------------------------------------------------------
 
 
@@ -184,55 +170,21 @@ def share_labels(spec: ExperimentSpec, runner: Runner, run: str, local: Path) ->
     _barrier(runner)
 
 
-def stage1_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """Stage 1 on this worker: the classifier (DDP), then this rank's share of the pseudo-labels,
-    every round (`cdsp_core.pipeline.stage1`).
-
-    Rank 0 publishes the last round's (quality row in metrics.jsonl, `.complete`) once every rank is done.
-    """
-    spec, run = _load(config)
-    runner = ray_runner(spec, run)
-    scribble_dir = prepare_run(spec, run, is_main=False)
-    out_dir = pseudo_label_dir(run)
-    runner.share_labels = partial(share_labels, spec, runner, run)
-    model, row = stage1(spec, runner, scribble_dir=scribble_dir, out_dir=out_dir)
+def gather_labels(spec: ExperimentSpec, runner: Runner, run: str, local: Path) -> None:
+    """The Runner's `gather_labels` on Ray. Rank 0 publishes its node's folder (uploading it when the run
+    folder is on object storage): ranks on other nodes upload their own share to the run first."""
     if runs.is_remote(run) and ray.train.get_context().get_node_rank() > 0:
-        # Rank 0 uploads its node's cache; ranks on other nodes upload their own share first.
-        upload_share(spec, runner, out_dir, runs.join(run, runs.PSEUDO_LABELS))
+        upload_share(spec, runner, local, runs.join(run, runs.PSEUDO_LABELS))
     _barrier(runner)
-    if runner.is_main:
-        publish_pseudo_labels(run, out_dir, row)
-        runner.log(runs.describe_quality(row))
-        if config.get("figures"):
-            run_figures(spec, run, None, model, out_dir, scribble_dir, runner.device)
-    return {k: row[k] for k in runs.QUALITY_KEYS}
 
 
-def stage_pseudo_dir(spec: ExperimentSpec, pseudo_from: str | None) -> Path | None:
-    """The pseudo-label folder stage 2 reads: external ones, or the finished stage-1 output of a run."""
-    if spec.data.pseudo_label_dir is not None:
-        return Layout.from_spec(spec.data).pseudo_label_dir
-    if not spec.needs_pseudo_labels:
-        return None
-    done = finished_pseudo_labels(pseudo_from) if pseudo_from else None
-    if done is None:
-        raise RuntimeError(f"stage 2 needs pseudo-labels but {pseudo_from} holds no finished ones")
-    return done[0]
-
-
-def stage2_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """Stage 2 on this worker (DDP); rank 0 returns the final evaluation and draws the figures."""
-    spec, run = _load(config)
+def stage_worker(fn: StageFn, config: dict[str, Any]) -> dict[str, Any]:
+    """`train_fn_per_worker`: the stage function `fn` on this worker, with the Ray Runner."""
+    spec, run = ExperimentSpec.model_validate(config["spec"]), str(config["run"])
     runner = ray_runner(spec, run)
-    scribble_dir = prepare_run(spec, run, is_main=False)
-    pseudo_from = config.get("pseudo_from")
-    pseudo_dir = stage_pseudo_dir(spec, pseudo_from)
-    model, final = train_segmentor(spec, runner, scribble_dir=scribble_dir, pseudo_dir=pseudo_dir)
-    if runner.is_main and config.get("figures"):
-        external = spec.data.pseudo_label_dir is not None
-        classifier = load_stage1_model(spec, pseudo_from) if pseudo_from and not external else None
-        run_figures(spec, run, model, classifier, pseudo_dir, scribble_dir, runner.device)
-    return {k: final[k] for k in ("miou", "per_class_iou", "checkpoint", "epochs")}
+    runner.share_labels = partial(share_labels, spec, runner, run)
+    runner.gather_labels = partial(gather_labels, spec, runner, run)
+    return fn(spec, run, runner, **config["kwargs"])
 
 
 # ---- the trainer (called by a driver) ------------------------------------------------------
@@ -243,33 +195,27 @@ def controller_failure_limit() -> int:
 
 
 def make_trainer(
-    fn: TrainFn,
-    stage: str,
-    spec: ExperimentSpec,
-    run: str,
-    *,
-    pseudo_from: str | None = None,
-    figures: bool = True,
-    callbacks: Sequence[Any] = (),
+    fn: StageFn, spec: ExperimentSpec, run: str, kwargs: dict[str, Any], callbacks: Sequence[Any] = ()
 ) -> TorchTrainer:
-    """A TorchTrainer for one stage; `resources.*` of the spec become its scaling and failure configs.
+    """A TorchTrainer running the stage function `fn` with `kwargs`; `resources.*` of the spec become its
+    scaling and failure configs.
 
-    Its Ray name is the stage, under `<run>/ray`: started again on the same run folder, Ray finds its
-    snapshot and `get_checkpoint()` returns the stage's latest checkpoint.
+    Its Ray name is the stage (the function's name), under `<run>/ray`: started again on the same run
+    folder, Ray finds its snapshot and `get_checkpoint()` returns the stage's latest checkpoint.
     """
     res = spec.resources
     storage_path, filesystem = ray_storage(run)
-    config = {"spec": spec.model_dump(mode="json"), "run": run, "pseudo_from": pseudo_from, "figures": figures}
+    config = {"spec": spec.model_dump(mode="json"), "run": run, "kwargs": kwargs}
     per_worker: dict[str, float] = {"CPU": res.cpus_per_worker}
     if res.use_gpu:
         per_worker["GPU"] = 1
     return TorchTrainer(
-        fn,  # rank 0's return value becomes Result.return_value
+        partial(stage_worker, fn),  # rank 0's return value becomes Result.return_value
         train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu, resources_per_worker=per_worker),
         run_config=RunConfig(
-            name=stage,
+            name=fn.__name__,
             storage_path=storage_path,
             storage_filesystem=filesystem,
             failure_config=FailureConfig(
@@ -284,20 +230,25 @@ def make_trainer(
     )
 
 
-def run_stage(
-    fn: TrainFn,
-    stage: str,
-    spec: ExperimentSpec,
-    run: str,
-    *,
-    pseudo_from: str | None = None,
-    figures: bool = True,
-    callbacks: Sequence[Any] = (),
-) -> dict[str, Any]:
-    """Train one stage on Ray and return rank 0's return value; raises `ray.train.TrainingFailedError`
-    once `resources.max_failures` are spent."""
-    trainer = make_trainer(fn, stage, spec, run, pseudo_from=pseudo_from, figures=figures, callbacks=callbacks)
-    value = getattr(trainer.fit(), "return_value", None)
-    if not isinstance(value, dict):
-        raise RuntimeError(f"{stage}: the training function returned {value!r}, not a dict")
-    return value
+@dataclass
+class RayLauncher:
+    """The `cdsp_core.pipeline.Launcher` of the connected Ray cluster: each stage on a TorchTrainer of
+    `resources.num_workers` workers; `callbacks` go to its RunConfig (a search trial's TuneReportCallback)."""
+
+    callbacks: Sequence[Any] = ()
+    lines: Callable[[str], None] | None = field(default=lambda line: print(line, flush=True))
+    """Where the plan's progress lines go (None: nowhere)."""
+
+    def log(self, line: str) -> None:
+        if self.lines is not None:
+            self.lines(line)
+
+    def __call__(self, fn: StageFn, spec: ExperimentSpec, run: str, **kwargs: Any) -> dict[str, Any]:
+        """Train one stage and return rank 0's return value; raises `ray.train.TrainingFailedError` once
+        `resources.max_failures` are spent."""
+        spec = worker_spec(spec)
+        self.log(f"{fn.__name__}: {spec.resources.num_workers} Ray Train worker(s)")
+        value = getattr(make_trainer(fn, spec, run, kwargs, self.callbacks).fit(), "return_value", None)
+        if not isinstance(value, dict):
+            raise RuntimeError(f"{fn.__name__}: the training function returned {value!r}, not a dict")
+        return value

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from cdsp_core.data.layout import DatasetError
+from cdsp_core.runs import finished_result
 from tests.workers.helpers import tiny_spec
-from workers.preflight import SearchError, check_dataset, check_space, finished_result
+from workers.preflight import SearchError, check_dataset, check_space
 
 
 def test_finished_result_only_for_the_same_spec(tiny_synth: Path, tmp_path: Path) -> None:

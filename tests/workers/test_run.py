@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from workers.run import one_line, summary
+from cdsp_core.runs import summary
+from workers.run import one_line
 
 
 def test_one_line_keeps_the_root_cause_of_a_remote_traceback() -> None:
