@@ -25,7 +25,6 @@ import os
 import random
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,17 +43,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import ROOT, table, write_results
 from cdsp_core.data.synthetic import generate
+from cdsp_core.ray_head import free_port
 
 TOKEN = "bench-token-" + secrets.token_hex(16)
 UNREACHABLE_RAY = "http://127.0.0.1:9"  # discard port: nothing listens there
 TARGET_P99_MS, TARGET_RATE = 50.0, 200.0
 SEED_EXPERIMENTS = 20  # submitted before the timed window, so that polls have ids from the start
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def pg_admin_url() -> str | None:

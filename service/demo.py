@@ -17,10 +17,10 @@ from rich.console import Console
 
 from cdsp_core import runs
 from cdsp_core.data.layout import check_layout
+from cdsp_core.ray_head import free_port
 from cdsp_core.spec import ExperimentSpec, SpecError, load_spec
 from service.client import ApiError, Client
 from service.commands import wait_for
-from service.ray_head import free_port
 
 console = Console(soft_wrap=True)  # paths stay on one line, copyable
 

@@ -41,6 +41,7 @@ def _connect_ray(settings: Settings) -> tuple[RayJobs, EmbeddedHead | None]:
         return RayJobs(settings.ray_address, token, settings.ray_timeout, settings.dashboard_url), None
     head = EmbeddedHead(settings.data_dir.resolve(), settings.ray_num_cpus)
     info = head.start()
+    assert info.dashboard_url is not None  # the embedded head always runs its dashboard
     return RayJobs(info.dashboard_url, info.token, settings.ray_timeout, settings.dashboard_url), head
 
 

@@ -1,10 +1,5 @@
-"""Ray clusters: joining one (an address, or `RAY_ADDRESS` inside a Ray job) or starting a local one.
-
-A local cluster is a `ray start --head --block` child process with every port chosen by us (free
-ports: never Ray's default GCS port 6379, which Redis holds on our machines, nor the fixed agent
-and metrics ports another cluster on the machine may hold; `ray.init` cannot be told all of them).
-It runs with token authentication: the token comes from `RAY_AUTH_TOKEN` when set, else a fresh
-one for this cluster only (nothing is written to `~/.ray`); `RAY_AUTH_MODE=disabled` turns it off.
+"""Ray clusters: joining one (an address, or `RAY_ADDRESS` inside a Ray job) or starting a local one
+(`local_cluster`: the project's one local head, `cdsp_core.ray_head.start_head`, for the life of a block).
 
 Ray caches the authentication mode when it is imported, so this module imports Ray lazily, and a
 process that starts a cluster and then drives it must not have imported Ray before.
@@ -16,34 +11,20 @@ we drive through its runtime environment, so that workers can open the run folde
 from __future__ import annotations
 
 import os
-import re
-import secrets
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-AUTH_MODE_ENV = "RAY_AUTH_MODE"
-AUTH_TOKEN_ENV = "RAY_AUTH_TOKEN"
+# Re-exported: the names drivers and tests of a local cluster use.
+from cdsp_core.ray_head import AUTH_MODE_ENV, AUTH_TOKEN_ENV, free_port, start_head, stop_head
+
+__all__ = ["AUTH_MODE_ENV", "AUTH_TOKEN_ENV", "Cluster", "connect", "env_vars", "free_port", "job_env", "local_cluster"]
+
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for a job's driver
 _FORWARDED_PREFIXES = ("AWS_", "CDSP_S3_")
 _FORWARDED = ("TORCH_HOME", "CDSP_CONTROLLER_FAILURE_LIMIT")
-_STARTED = re.compile(r"ray start --address='([^']+)'")
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def job_env() -> dict[str, str]:
@@ -76,112 +57,21 @@ class Cluster:
     """Whether this process started the cluster (and stops it at the end)."""
 
 
-def auth_env() -> dict[str, str]:
-    """The variables that give a cluster we start, and the drivers we run, token auth (empty: disabled)."""
-    if os.environ.get(AUTH_MODE_ENV, "").lower() == "disabled":
-        return {}
-    return {AUTH_MODE_ENV: "token", AUTH_TOKEN_ENV: os.environ.get(AUTH_TOKEN_ENV) or secrets.token_hex(32)}
-
-
-def _head_command(num_cpus: int | None, num_gpus: int | None, dashboard_port: int | None, temp: str) -> list[str]:
-    ports = {
-        "port": free_port(),  # the GCS
-        "node-manager-port": free_port(),
-        "object-manager-port": free_port(),
-        "ray-client-server-port": free_port(),
-        "dashboard-agent-listen-port": free_port(),
-        "dashboard-agent-grpc-port": free_port(),
-        "runtime-env-agent-port": free_port(),
-        "metrics-export-port": free_port(),
-    }
-    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--disable-usage-stats"]
-    cmd += [f"--{k}={v}" for k, v in ports.items()]
-    cmd += [f"--temp-dir={temp}", f"--include-dashboard={str(dashboard_port is not None).lower()}"]
-    if dashboard_port is not None:
-        cmd += ["--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
-    if num_cpus is not None:
-        cmd.append(f"--num-cpus={num_cpus}")
-    if num_gpus is not None:
-        cmd.append(f"--num-gpus={num_gpus}")
-    return cmd
-
-
-def _stop(head: subprocess.Popen[bytes], timeout: float = 3.0) -> None:
-    """SIGTERM the head's process group (the one we created for it, and only it); SIGKILL what is left
-    after `timeout`. The cluster is thrown away: Ray's graceful stop (SIGTERM to `ray start`) takes
-    ~30 s, and the GCS outlives a SIGTERM by more than 10 s."""
-    with suppress(ProcessLookupError):
-        os.killpg(head.pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    with suppress(subprocess.TimeoutExpired):
-        head.wait(timeout=timeout)  # reaped here, so it does not linger in its group as a zombie
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(head.pid, 0)  # is anything of the group left?
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    with suppress(ProcessLookupError):
-        os.killpg(head.pid, signal.SIGKILL)
-    head.wait(timeout=10)
-
-
-def _terminate_with_parent() -> Callable[[], None] | None:
-    """What the head's process runs before exec: on Linux, ask for SIGTERM when the process that started
-    it dies, even by SIGKILL (which runs no cleanup), so that a killed driver leaves no cluster behind.
-    The C function is looked up here, in the parent: the forked child only calls it."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    pr_set_pdeathsig = 1
-    return lambda: prctl(pr_set_pdeathsig, int(signal.SIGTERM))
-
-
 @contextmanager
 def local_cluster(
     num_cpus: int | None = None, num_gpus: int | None = None, dashboard: bool = True, timeout: float = 120.0
 ) -> Iterator[Cluster]:
-    """Start a single-node cluster on free ports; stop it (its whole process group) on exit.
+    """A head of `start_head` for the life of the block, stopped at its end (and if this process dies).
 
     The auth variables are set in this process for the life of the cluster, so that drivers started
     from here (`python -m workers.run --address ...`) inherit them.
     """
-    # A short folder: Ray puts unix sockets under it, whose paths are limited to ~107 characters.
-    temp = tempfile.mkdtemp(prefix="cdsp-ray-", dir="/tmp")
-    log = Path(temp) / "head.log"
-    auth = auth_env()
-    # Ports the dashboard and the autoscaler monitor export metrics on (fixed defaults otherwise).
-    metrics_ports = {"DASHBOARD_METRIC_PORT": str(free_port()), "AUTOSCALER_METRIC_PORT": str(free_port())}
-    dashboard_port = free_port() if dashboard else None
-    with log.open("wb") as out:
-        # Its own session and process group: stopping it never touches ours.
-        head = subprocess.Popen(
-            _head_command(num_cpus, num_gpus, dashboard_port, temp), env={**os.environ, **auth, **metrics_ports},
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            preexec_fn=_terminate_with_parent(),
-        )  # fmt: skip
+    head, proc = start_head(num_cpus=num_cpus, num_gpus=num_gpus, dashboard=dashboard, timeout=timeout)
     try:
-        address = _wait_started(head, log, timeout)
-        url = f"http://127.0.0.1:{dashboard_port}" if dashboard_port else None
-        with env_vars(auth):
-            yield Cluster(address, url, started=True)
+        with env_vars(head.auth_env()):
+            yield Cluster(head.gcs_address, head.dashboard_url, started=True)
     finally:
-        _stop(head)
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-def _wait_started(head: subprocess.Popen[bytes], log: Path, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        text = log.read_text(errors="replace")
-        if "Ray runtime started." in text and (m := _STARTED.search(text)):
-            return m.group(1)
-        if head.poll() is not None or time.monotonic() > deadline:
-            tail = " | ".join(text.strip().splitlines()[-5:])
-            raise RuntimeError(f"the local Ray head did not start (status {head.poll()}): {tail}")
-        time.sleep(0.2)
+        stop_head(head, proc)
 
 
 @contextmanager

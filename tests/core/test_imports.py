@@ -58,7 +58,8 @@ def test_every_cdsp_core_module_imports_without_ray_fastapi_service_workers():
         "cdsp_core.spec", "cdsp_core.runs", "cdsp_core.cli", "cdsp_core.figures", "cdsp_core.distance",
         "cdsp_core.losses", "cdsp_core.data.dataset", "cdsp_core.data.synthetic", "cdsp_core.data.scribbles",
         "cdsp_core.data.scribblesup", "cdsp_core.data.transforms", "cdsp_core.data.layout",
-        "cdsp_core.data.distance_maps", "cdsp_core.data.files", "cdsp_core.models.lorm",
+        "cdsp_core.data.distance_maps", "cdsp_core.data.files", "cdsp_core.models.lorm", "cdsp_core.ray_head",
+        "cdsp_core.pipeline",
     }  # fmt: skip
     assert expected <= set(out["modules"])
 
@@ -67,7 +68,7 @@ def test_control_plane_modules_do_not_pull_torch_or_cv2():
     code = textwrap.dedent(
         """
         import json, sys
-        import cdsp_core.spec, cdsp_core.runs, cdsp_core.data.layout
+        import cdsp_core.spec, cdsp_core.runs, cdsp_core.data.layout, cdsp_core.ray_head
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in {"torch", "cv2", "torchvision", "ray"})
         print(json.dumps(heavy))
         """

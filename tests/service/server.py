@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from service.ray_head import free_port
+from cdsp_core.ray_head import free_port
 
 
 class ServiceProcess:

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cdsp_core.ray_head import pid_alive
 from service.demo import run_demo
-from service.ray_head import EmbeddedHead, HeadInfo, pid_alive
+from service.ray_head import EmbeddedHead, HeadInfo
 from tests.service.conftest import SCRIPTED_ENTRYPOINT, small_spec
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(300)]

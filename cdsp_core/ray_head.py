@@ -1,0 +1,241 @@
+"""The one launcher of a local Ray head, for `cdsp run --ray` (`workers.cluster.local_cluster`) and the
+service (`service.ray_head.EmbeddedHead`, which adds adoption after a restart).
+
+A head is a `ray start --head --block` child process with every port chosen here (free ports: never
+Ray's default GCS port 6379, which Redis holds on our machines, nor the fixed agent and metrics
+ports another cluster on the machine may hold). It runs with token authentication: the token comes
+from `RAY_AUTH_TOKEN` when set, else a fresh one for this head only (nothing is written to
+`~/.ray`); `RAY_AUTH_MODE=disabled` turns it off. It is stopped through its own process group.
+
+Ray itself is not imported here (the head is a subprocess), so the control plane uses this module
+without Ray's Python API, torch or the workers.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+AUTH_TOKEN_ENV = "RAY_AUTH_TOKEN"
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the OS picks it): the one port policy of the project."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def auth_env() -> dict[str, str]:
+    """The variables that give a cluster we start, and the drivers we run, token auth (empty: disabled)."""
+    if os.environ.get(AUTH_MODE_ENV, "").lower() == "disabled":
+        return {}
+    return {AUTH_MODE_ENV: "token", AUTH_TOKEN_ENV: os.environ.get(AUTH_TOKEN_ENV) or secrets.token_hex(32)}
+
+
+# Every port `ray start --head` would otherwise pick itself: the GCS's default 6379 is often Redis's,
+# and the fixed agent and metrics defaults clash with another cluster on the machine.
+PORT_FLAGS = (
+    "port", "node-manager-port", "object-manager-port", "ray-client-server-port", "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port",
+)  # fmt: skip
+STOP_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class Head:
+    """A local Ray head started by `start_head`: what drives it, submits jobs to it, adopts it again
+    (the service keeps it in a state file) and stops it."""
+
+    pid: int
+    """Of `ray start --head --block`, the leader of the head's own process group."""
+    gcs_address: str
+    dashboard_url: str | None
+    """http://127.0.0.1:PORT of the dashboard and Jobs API, when it runs."""
+    token: str | None
+    """The cluster's auth token (None: `RAY_AUTH_MODE=disabled`)."""
+    temp_dir: str
+
+    def auth_env(self) -> dict[str, str]:
+        """The variables a driver of this cluster needs."""
+        return {AUTH_MODE_ENV: "token", AUTH_TOKEN_ENV: self.token} if self.token else {}
+
+
+def free_port_range(n: int = 200) -> tuple[int, int]:
+    """A run of `n` free ports for Ray's worker processes, away from the ephemeral range."""
+    for _ in range(50):
+        lo = random.randrange(20000, 30000 - n)
+        if all(_is_free(p) for p in range(lo, lo + n, 10)):
+            return lo, lo + n - 1
+    raise RuntimeError("no free port range for Ray workers between 20000 and 30000")
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _head_env(auth: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    # Jobs run `python -m workers.run` through a shell: this interpreter's folder comes first.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    # Ports the dashboard and the autoscaler monitor export metrics on (fixed defaults otherwise).
+    env.update(DASHBOARD_METRIC_PORT=str(free_port()), AUTOSCALER_METRIC_PORT=str(free_port()))
+    env.update(auth, RAY_USAGE_STATS_ENABLED="0")
+    # On SIGTERM a head first "drains" for up to 30 s so that Ray Serve can move replicas; a local
+    # head has nowhere to move anything.
+    env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
+    return env
+
+
+def start_head(
+    *,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    dashboard: bool = True,
+    log_path: Path | None = None,
+    cwd: Path | None = None,
+    stop_with_parent: bool = True,
+    timeout: float = 120.0,
+) -> tuple[Head, subprocess.Popen[bytes]]:
+    """Start a single-node Ray head on 127.0.0.1 and wait until it (and its dashboard's Jobs API) answers.
+
+    Every port is a free one chosen here; token auth unless `RAY_AUTH_MODE=disabled` (the token from
+    `RAY_AUTH_TOKEN`, else a fresh one). The head runs in its own session and process group, logging
+    to `log_path` (appended; default: its temp folder). With `stop_with_parent` it is also stopped
+    when this process dies, even by SIGKILL; the service turns that off to adopt its head after a crash.
+    """
+    # A short folder: Ray puts unix sockets under it, whose paths are limited to ~107 characters.
+    temp = tempfile.mkdtemp(prefix="cdsp-ray-", dir="/tmp")
+    log_path = log_path or Path(temp) / "head.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    offset = log_path.stat().st_size if log_path.exists() else 0
+    auth = auth_env()
+    ports = {flag: free_port() for flag in PORT_FLAGS}
+    dashboard_port = free_port() if dashboard else None
+    lo, hi = free_port_range()
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--disable-usage-stats"]
+    cmd += [f"--{k}={v}" for k, v in ports.items()]
+    cmd += ["--node-ip-address=127.0.0.1", f"--min-worker-port={lo}", f"--max-worker-port={hi}"]
+    cmd += [f"--temp-dir={temp}", f"--include-dashboard={str(dashboard).lower()}"]
+    if dashboard_port is not None:
+        cmd += ["--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
+    if num_cpus is not None:
+        cmd.append(f"--num-cpus={num_cpus}")
+    if num_gpus is not None:
+        cmd.append(f"--num-gpus={num_gpus}")
+    with log_path.open("ab") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env=_head_env(auth), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, preexec_fn=_terminate_with_parent() if stop_with_parent else None,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{dashboard_port}" if dashboard_port else None
+    head = Head(proc.pid, f"127.0.0.1:{ports['port']}", url, auth.get(AUTH_TOKEN_ENV), temp)
+    try:
+        _wait_started(head, proc, log_path, offset, timeout)
+    except BaseException:
+        stop_head(head, proc)
+        raise
+    return head, proc
+
+
+def _wait_started(head: Head, proc: subprocess.Popen[bytes], log: Path, offset: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with log.open("rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+        started = "Ray runtime started." in text
+        if started and (head.dashboard_url is None or dashboard_ready(head.dashboard_url, head.token)):
+            return
+        if proc.poll() is not None or time.monotonic() > deadline:
+            tail = " | ".join(text.strip().splitlines()[-5:])
+            raise RuntimeError(f"the local Ray head did not start (status {proc.poll()}; log {log}): {tail}")
+        time.sleep(0.3)
+
+
+def dashboard_ready(url: str, token: str | None, timeout: float = 2.0) -> bool:
+    """The dashboard answers and its Jobs API is up (a submit right after start would fail otherwise)."""
+    import urllib.error
+    import urllib.request
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        for path in ("/api/version", "/api/jobs/"):
+            with urllib.request.urlopen(urllib.request.Request(url + path, headers=headers), timeout=timeout) as r:
+                if r.status != 200:
+                    return False
+    except (OSError, urllib.error.URLError):
+        return False
+    return True
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_head(head: Head, proc: subprocess.Popen[bytes] | None = None, timeout: float = STOP_TIMEOUT_S) -> None:
+    """Stop a head we started (or adopted): SIGTERM its process group (its own, and only it), SIGKILL
+    what is left after `timeout`, remove its temp folder. The cluster is thrown away: Ray's graceful
+    stop takes ~30 s and the GCS outlives a SIGTERM by more than 10 s. Never `ray stop`, which stops
+    every cluster on the machine."""
+    with suppress(ProcessLookupError):
+        os.killpg(head.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    if proc is not None:
+        with suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=timeout)  # reaped here, so it does not linger in its group as a zombie
+    while time.monotonic() < deadline and _group_alive(head.pid):
+        time.sleep(0.2)
+    if _group_alive(head.pid):
+        with suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)
+        if proc is not None:
+            proc.wait(timeout=10)
+    shutil.rmtree(head.temp_dir, ignore_errors=True)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _terminate_with_parent() -> Callable[[], None] | None:
+    """What the head's process runs before exec: on Linux, ask for SIGTERM when the process that started
+    it dies, even by SIGKILL (which runs no cleanup), so that a killed driver leaves no cluster behind.
+    The C function is looked up here, in the parent: the forked child only calls it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    pr_set_pdeathsig = 1
+    return lambda: prctl(pr_set_pdeathsig, int(signal.SIGTERM))
