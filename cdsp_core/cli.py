@@ -1,27 +1,28 @@
-"""Core commands of `cdsp`: dataset tools, `run` and `predict`.
+"""The method's commands of `cdsp`: the dataset tools (`data_app`, `cdsp data ...`), `predict`, and
+`run_here` (what `cdsp run` does without `--ray`).
 
 Heavy modules (torch, OpenCV) are imported inside the commands so that `cdsp --help` and the
-REST client verbs start quickly. The console script itself is `service.cli:app`, which adds
-`serve` and the client verbs to these.
+REST client verbs start quickly. The command tree itself is built in one place, `service/cli.py`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
+if TYPE_CHECKING:
+    from cdsp_core.spec import ExperimentSpec
+
 console = Console()
 err = Console(stderr=True)
 
-app = typer.Typer(help="CDSP: scribble-supervised semantic segmentation.", no_args_is_help=True)
 data_app = typer.Typer(
     help="Dataset tools: synthetic data, scribble variants, distance maps, converters.",
     no_args_is_help=True,
 )
-app.add_typer(data_app, name="data")
 
 RootOpt = Annotated[Path, typer.Option("--root", help="Dataset root (VOC/ScribbleSup layout).")]
 
@@ -194,41 +195,11 @@ def data_trivial(
     console.print(f"use them with: --set data.pseudo_label_dir={name}")
 
 
-@app.command("run")
-def run(
-    config: Annotated[Path, typer.Argument(help="Experiment spec (YAML).")],
-    out: Annotated[str, typer.Option("--out", help="Run folder: a local path or a storage URI (s3://...).")],
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Override a spec key: key=value (repeatable).")
-    ] = None,
-    ray: Annotated[
-        bool,
-        typer.Option(
-            "--ray",
-            help="Run through Ray (Train DDP, Tune): on the cluster of --address, else of RAY_ADDRESS, else on a "
-            "local cluster started for this run and stopped after it.",
-        ),
-    ] = False,
-    address: Annotated[
-        str | None,
-        typer.Option(
-            "--address", help="The Ray cluster to run on (implies --ray): host:port, or `auto` inside a cluster."
-        ),
-    ] = None,
-    progress: Annotated[bool, typer.Option(help="Progress bars (the line per epoch is always printed).")] = True,
-) -> None:
-    """Run an experiment: stage 1 (or external pseudo-labels), stage 2 and evaluation, into one run folder."""
-    from cdsp_core.spec import SpecError, load_spec
-
-    try:
-        spec = load_spec(config, set_ or [])
-    except SpecError as exc:
-        fail(str(exc))
-    if ray or address is not None:
-        _run_on_ray(spec, out, address)
-        return
+def run_here(spec: ExperimentSpec, out: str, progress: bool = True) -> None:
+    """`cdsp run` without `--ray`: the pipeline in this process (`InProcess`), then its summary line."""
     import torch
 
+    from cdsp_core import runs
     from cdsp_core.data.layout import DatasetError
     from cdsp_core.pipeline import run_pipeline
     from cdsp_core.runner import Runner, default_device
@@ -240,57 +211,9 @@ def run(
         result = run_pipeline(spec, out, runner)
     except (DatasetError, ValueError) as exc:
         fail(str(exc))
-    _print_result(result, out)
+    console.print(runs.summary(result, out), highlight=False, soft_wrap=True)
 
 
-def _print_result(result: dict, out: str) -> None:
-    from cdsp_core import runs
-
-    parts = []
-    if result.get("pseudo_label_miou") is not None:
-        parts.append(runs.describe_quality(result))
-    if result.get("miou") is not None:
-        parts.append(f"val mIoU {result['miou']:.2f}")
-    parts.append(f"{result.get('duration_s', 0):.0f} s")
-    console.print(f"[bold]done[/bold]: {', '.join(parts)}")
-    if result.get("checkpoint"):
-        console.print(f"checkpoint: {out.rstrip('/')}/{result['checkpoint']}")
-
-
-def _run_on_ray(spec: object, out: str, address: str | None) -> None:
-    """Hand the spec to the Ray job entrypoint (the same one the service's jobs run)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import tempfile
-
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        f.write(spec.to_yaml())  # type: ignore[attr-defined]
-    cmd = [sys.executable, "-m", "workers.run", "--spec", f.name, "--out", out]
-    if address is not None:
-        cmd += ["--address", address]
-    try:
-        child = subprocess.Popen(cmd, env=os.environ.copy())
-        # A SIGTERM to `cdsp` reaches the driver, which stops the cluster it started (Ctrl-C reaches
-        # both through the terminal's process group; the driver handles it).
-        forward = {
-            s: signal.signal(s, lambda signum, _: child.send_signal(signum)) for s in (signal.SIGTERM, signal.SIGHUP)
-        }
-        previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            code = child.wait()
-        finally:
-            for s, handler in forward.items():
-                signal.signal(s, handler)
-            signal.signal(signal.SIGINT, previous_int)
-    finally:
-        os.unlink(f.name)
-    if code:
-        raise typer.Exit(code)
-
-
-@app.command("predict")
 def predict(
     checkpoint: Annotated[str, typer.Argument(help="A stage-2 checkpoint (.pt, local path or URI).")],
     images: Annotated[list[Path], typer.Argument(help="Images to segment.")],
@@ -308,11 +231,3 @@ def predict(
         fail(str(exc))
     for path in written:
         console.print(str(path))
-
-
-def main() -> None:  # pragma: no cover - console entry
-    app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    app()

@@ -1,4 +1,14 @@
-"""The `cdsp` console script: the core commands plus the control plane's (`serve`, `demo`, client verbs)."""
+"""The `cdsp` console script: the whole command tree, built here and only here.
+
+    cdsp data ...                 dataset tools (cdsp_core.cli.data_app)
+    cdsp run CONFIG --out DIR     an experiment in this process, or on Ray with --ray / --address
+    cdsp predict CKPT IMAGES      masks from a stage-2 checkpoint (cdsp_core.cli.predict)
+    cdsp serve | demo             the control plane; the demo over REST
+    cdsp submit | list | status | logs | cancel | retry | fetch | trials
+                                  the REST client verbs (service.commands.client_app)
+
+Every heavy import (torch, Ray, uvicorn) happens inside the command that needs it.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +17,53 @@ from typing import Annotated
 
 import typer
 
-from cdsp_core.cli import app
-from service import commands
+from cdsp_core.cli import data_app, fail, predict, run_here
+from service.commands import client_app
 
-commands.register(app)
+app = typer.Typer(help="CDSP: scribble-supervised semantic segmentation.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@app.command("run")
+def run(
+    config: Annotated[Path, typer.Argument(help="Experiment spec (YAML).")],
+    out: Annotated[str, typer.Option("--out", help="Run folder: a local path or a storage URI (s3://...).")],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a spec key: key=value (repeatable).")
+    ] = None,
+    ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray",
+            help="Run through Ray (Train DDP, Tune): on the cluster of --address, else of RAY_ADDRESS, else on a "
+            "local cluster started for this run and stopped after it.",
+        ),
+    ] = False,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address", help="The Ray cluster to run on (implies --ray): host:port, or `auto` inside a cluster."
+        ),
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Progress bars (the line per epoch is always printed).")] = True,
+) -> None:
+    """Run an experiment: stage 1 (or external pseudo-labels), stage 2 and evaluation, into one run folder."""
+    from cdsp_core.spec import SpecError, load_spec
+
+    try:
+        spec = load_spec(config, set_ or [])
+    except SpecError as exc:
+        fail(str(exc))
+    if ray or address is not None:
+        # In this process, which has not imported Ray: a local cluster gets its auth settings first.
+        from workers.run import run as run_on_ray
+
+        raise typer.Exit(run_on_ray(spec, out, address))
+    run_here(spec, out, progress)
+
+
+app.command("predict")(predict)
+app.add_typer(client_app)
 
 
 @app.command("serve")
@@ -43,4 +96,5 @@ def main() -> None:
     app(prog_name="cdsp")
 
 
-__all__ = ["app", "main"]
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -25,6 +25,8 @@ err = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 FINAL = ("succeeded", "failed", "cancelled")
 IdArg = Annotated[str, typer.Argument(help="Experiment id (from `cdsp submit` or `cdsp list`).")]
+client_app = typer.Typer()
+"""The client verbs, merged into the top level of `cdsp` (service/cli.py)."""
 
 
 def handles_errors(fn: F) -> F:
@@ -85,136 +87,140 @@ def report(exp: dict[str, Any]) -> None:
         console.print(f"[red]{exp['id']} {exp['status']}[/red]: {exp.get('error') or ''}")
 
 
-def register(app: typer.Typer) -> None:
-    """Add the client verbs to the `cdsp` app."""
+@client_app.command("submit")
+@handles_errors
+def submit(
+    spec_file: Annotated[Path, typer.Argument(help="Experiment spec (YAML).")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key: --set stage2.epochs=5.")] = None,
+    priority: Annotated[int, typer.Option(help="Higher runs first.")] = 0,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow it with progress until it ends.")] = False,
+    key: Annotated[str | None, typer.Option("--idempotency-key", help="Resubmitting with a key is safe.")] = None,
+) -> None:
+    """Submit an experiment spec to the service."""
+    from cdsp_core.spec import SpecError, load_spec
 
-    @app.command("submit")
-    @handles_errors
-    def submit(
-        spec_file: Annotated[Path, typer.Argument(help="Experiment spec (YAML).")],
-        set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key: --set stage2.epochs=5.")] = None,
-        priority: Annotated[int, typer.Option(help="Higher runs first.")] = 0,
-        wait: Annotated[bool, typer.Option("--wait", help="Follow it with progress until it ends.")] = False,
-        key: Annotated[str | None, typer.Option("--idempotency-key", help="Resubmitting with a key is safe.")] = None,
-    ) -> None:
-        """Submit an experiment spec to the service."""
-        from cdsp_core.spec import SpecError, load_spec
+    try:
+        spec = load_spec(spec_file, set_ or [])
+    except SpecError as exc:
+        for path, msg in exc.errors:
+            err.print(f"[red]error:[/red] {path or '<spec>'}: {msg}")
+        raise typer.Exit(2) from None
+    with Client() as client:
+        exp = client.submit(spec.model_dump(mode="json"), priority, key)
+        console.print(f"{exp['id']} queued ({exp['name']}, {exp['kind']})")
+        if wait:
+            final = wait_for(client, exp["id"])
+            report(final)
+            raise typer.Exit(0 if final["status"] == "succeeded" else 1)
 
-        try:
-            spec = load_spec(spec_file, set_ or [])
-        except SpecError as exc:
-            for path, msg in exc.errors:
-                err.print(f"[red]error:[/red] {path or '<spec>'}: {msg}")
-            raise typer.Exit(2) from None
-        with Client() as client:
-            exp = client.submit(spec.model_dump(mode="json"), priority, key)
-            console.print(f"{exp['id']} queued ({exp['name']}, {exp['kind']})")
-            if wait:
-                final = wait_for(client, exp["id"])
-                report(final)
-                raise typer.Exit(0 if final["status"] == "succeeded" else 1)
 
-    @app.command("list")
-    @handles_errors
-    def list_(
-        status: Annotated[list[str] | None, typer.Option(help="Filter by status (repeatable).")] = None,
-        kind: Annotated[str | None, typer.Option(help="pipeline, stage1, stage2 or search.")] = None,
-        name: Annotated[str | None, typer.Option(help="Exact name.")] = None,
-        limit: Annotated[int, typer.Option(help="Rows per page.")] = 20,
-        offset: Annotated[int, typer.Option(help="Rows to skip.")] = 0,
-    ) -> None:
-        """List experiments, newest first."""
-        with Client() as client:
-            page = client.list(status=status, kind=kind, name=name, limit=limit, offset=offset)
-        id_column = Column("id", no_wrap=True, min_width=16)  # ids must stay copyable
-        table = Table(id_column, "name", "kind", "status", "progress", "mIoU", "created")
-        for e in page["items"]:
-            p = e["progress"]
-            miou = f"{e['miou']:.2f}" if e.get("miou") is not None else ""
-            table.add_row(e["id"], e["name"], e["kind"], e["status"], f"{p['epochs_done']}/{p['epochs_total']}",
-                          miou, e["created_at"][:19])  # fmt: skip
-        console.print(table)
-        console.print(f"{len(page['items'])} of {page['total']}")
+@client_app.command("list")
+@handles_errors
+def list_(
+    status: Annotated[list[str] | None, typer.Option(help="Filter by status (repeatable).")] = None,
+    kind: Annotated[str | None, typer.Option(help="pipeline, stage1, stage2 or search.")] = None,
+    name: Annotated[str | None, typer.Option(help="Exact name.")] = None,
+    limit: Annotated[int, typer.Option(help="Rows per page.")] = 20,
+    offset: Annotated[int, typer.Option(help="Rows to skip.")] = 0,
+) -> None:
+    """List experiments, newest first."""
+    with Client() as client:
+        page = client.list(status=status, kind=kind, name=name, limit=limit, offset=offset)
+    id_column = Column("id", no_wrap=True, min_width=16)  # ids must stay copyable
+    table = Table(id_column, "name", "kind", "status", "progress", "mIoU", "created")
+    for e in page["items"]:
+        p = e["progress"]
+        miou = f"{e['miou']:.2f}" if e.get("miou") is not None else ""
+        table.add_row(e["id"], e["name"], e["kind"], e["status"], f"{p['epochs_done']}/{p['epochs_total']}",
+                      miou, e["created_at"][:19])  # fmt: skip
+    console.print(table)
+    console.print(f"{len(page['items'])} of {page['total']}")
 
-    @app.command("status")
-    @handles_errors
-    def status_(experiment_id: IdArg) -> None:
-        """One experiment: state, progress, metrics, result, Ray job, error."""
-        with Client() as client:
-            exp = client.get(experiment_id)
-        console.print(describe(exp))
-        for t in exp["transitions"]:
-            moved = f"{t['from_status'] or '-':>11} -> {t['to_status']:<11}"
-            console.print(f"  {t['at'][:19]}  {moved} {t['reason'] or ''}")
-        if exp["ray"]["dashboard_url"]:
-            console.print(f"  Ray job: {exp['ray']['submission_id']}  {exp['ray']['dashboard_url']}")
-        if exp.get("result"):
-            console.print(f"  result: {exp['result']}")
-        if exp.get("error"):
-            console.print(f"  [red]error:[/red] {exp['error']}")
 
-    @app.command("logs")
-    @handles_errors
-    def logs(
-        experiment_id: IdArg,
-        follow: Annotated[bool, typer.Option("-f", "--follow", help="Print until the experiment ends.")] = False,
-        tail: Annotated[int, typer.Option(help="Last N lines (0 = all).")] = 200,
-    ) -> None:
-        """The job's logs."""
-        with Client() as client:
-            if follow:
-                for chunk in client.follow_logs(experiment_id, tail):
-                    console.out(chunk, end="", highlight=False)
-            else:
-                console.out(client.logs(experiment_id, tail), end="", highlight=False)
+@client_app.command("status")
+@handles_errors
+def status_(experiment_id: IdArg) -> None:
+    """One experiment: state, progress, metrics, result, Ray job, error."""
+    with Client() as client:
+        exp = client.get(experiment_id)
+    console.print(describe(exp))
+    for t in exp["transitions"]:
+        moved = f"{t['from_status'] or '-':>11} -> {t['to_status']:<11}"
+        console.print(f"  {t['at'][:19]}  {moved} {t['reason'] or ''}")
+    if exp["ray"]["dashboard_url"]:
+        console.print(f"  Ray job: {exp['ray']['submission_id']}  {exp['ray']['dashboard_url']}")
+    if exp.get("result"):
+        console.print(f"  result: {exp['result']}")
+    if exp.get("error"):
+        console.print(f"  [red]error:[/red] {exp['error']}")
 
-    @app.command("cancel")
-    @handles_errors
-    def cancel(experiment_id: IdArg) -> None:
-        """Cancel a queued or running experiment."""
-        with Client() as client:
-            exp = client.cancel(experiment_id)
-        console.print(f"{exp['id']}: {'stop requested' if exp['status'] not in FINAL else exp['status']}")
 
-    @app.command("retry")
-    @handles_errors
-    def retry(experiment_id: IdArg) -> None:
-        """Queue a failed or cancelled experiment again (it resumes from its latest checkpoint)."""
-        with Client() as client:
-            exp = client.retry(experiment_id)
-        console.print(f"{exp['id']} queued again (attempt {exp['attempt']})")
+@client_app.command("logs")
+@handles_errors
+def logs(
+    experiment_id: IdArg,
+    follow: Annotated[bool, typer.Option("-f", "--follow", help="Print until the experiment ends.")] = False,
+    tail: Annotated[int, typer.Option(help="Last N lines (0 = all).")] = 200,
+) -> None:
+    """The job's logs."""
+    with Client() as client:
+        if follow:
+            for chunk in client.follow_logs(experiment_id, tail):
+                console.out(chunk, end="", highlight=False)
+        else:
+            console.out(client.logs(experiment_id, tail), end="", highlight=False)
 
-    @app.command("fetch")
-    @handles_errors
-    def fetch(
-        experiment_id: IdArg,
-        out: Annotated[Path, typer.Option("-o", "--out", help="File, or folder to put the checkpoint in.")],
-        checkpoint: Annotated[str | None, typer.Option(help="Checkpoint name; default the final one.")] = None,
-    ) -> None:
-        """Download a checkpoint and verify its SHA-256."""
-        with Client() as client:
-            listing = client.checkpoints(experiment_id)
-            name = checkpoint or listing["final"] or (listing["items"][-1]["name"] if listing["items"] else None)
-            if name is None:
-                raise ApiError(404, f"experiment {experiment_id} has no checkpoint yet")
-            dest = out / name if out.is_dir() else out
-            path, digest = client.download_checkpoint(experiment_id, name, dest)
-        console.print(f"{path}  sha256 {digest}")
 
-    @app.command("trials")
-    @handles_errors
-    def trials(experiment_id: IdArg) -> None:
-        """A search's trials as a table, best one marked."""
-        with Client() as client:
-            data = client.trials(experiment_id)
-        rows = data["trials"]
-        keys = sorted({k for t in rows for k in (t.get("params") or {})})
-        table = Table("trial", *keys, "mIoU", "status", "")
-        best = (data.get("best") or {}).get("trial")
-        for t in rows:
-            params = t.get("params") or {}
-            miou = f"{t['miou']:.2f}" if isinstance(t.get("miou"), int | float) else ""
-            mark = "best" if t.get("trial") == best else ""
-            values = [str(params.get(k, "")) for k in keys]
-            table.add_row(str(t.get("trial")), *values, miou, str(t.get("status")), mark)
-        console.print(table)
+@client_app.command("cancel")
+@handles_errors
+def cancel(experiment_id: IdArg) -> None:
+    """Cancel a queued or running experiment."""
+    with Client() as client:
+        exp = client.cancel(experiment_id)
+    console.print(f"{exp['id']}: {'stop requested' if exp['status'] not in FINAL else exp['status']}")
+
+
+@client_app.command("retry")
+@handles_errors
+def retry(experiment_id: IdArg) -> None:
+    """Queue a failed or cancelled experiment again (it resumes from its latest checkpoint)."""
+    with Client() as client:
+        exp = client.retry(experiment_id)
+    console.print(f"{exp['id']} queued again (attempt {exp['attempt']})")
+
+
+@client_app.command("fetch")
+@handles_errors
+def fetch(
+    experiment_id: IdArg,
+    out: Annotated[Path, typer.Option("-o", "--out", help="File, or folder to put the checkpoint in.")],
+    checkpoint: Annotated[str | None, typer.Option(help="Checkpoint name; default the final one.")] = None,
+) -> None:
+    """Download a checkpoint and verify its SHA-256."""
+    with Client() as client:
+        listing = client.checkpoints(experiment_id)
+        name = checkpoint or listing["final"] or (listing["items"][-1]["name"] if listing["items"] else None)
+        if name is None:
+            raise ApiError(404, f"experiment {experiment_id} has no checkpoint yet")
+        dest = out / name if out.is_dir() else out
+        path, digest = client.download_checkpoint(experiment_id, name, dest)
+    console.print(f"{path}  sha256 {digest}")
+
+
+@client_app.command("trials")
+@handles_errors
+def trials(experiment_id: IdArg) -> None:
+    """A search's trials as a table, best one marked."""
+    with Client() as client:
+        data = client.trials(experiment_id)
+    rows = data["trials"]
+    keys = sorted({k for t in rows for k in (t.get("params") or {})})
+    table = Table("trial", *keys, "mIoU", "status", "")
+    best = (data.get("best") or {}).get("trial")
+    for t in rows:
+        params = t.get("params") or {}
+        miou = f"{t['miou']:.2f}" if isinstance(t.get("miou"), int | float) else ""
+        mark = "best" if t.get("trial") == best else ""
+        values = [str(params.get(k, "")) for k in keys]
+        table.add_row(str(t.get("trial")), *values, miou, str(t.get("status")), mark)
+    console.print(table)

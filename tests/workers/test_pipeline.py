@@ -23,7 +23,7 @@ def test_full_pipeline_then_rerun_returns_at_once(ray_cluster: Any, tiny_synth: 
     # Two stage-1 rounds: the second trains on the first's pseudo-labels, which both ranks labelled.
     config.write_text(tiny_spec(tiny_synth, stage1__rounds=2, stage1__round_epochs=1).to_yaml())
     start = time.perf_counter()
-    cli = ["-m", "cdsp_core.cli", "run", str(config), "--out", str(out), "--set", "stage2.epochs=1"]
+    cli = ["-m", "service.cli", "run", str(config), "--out", str(out), "--set", "stage2.epochs=1"]
     proc = run_entrypoint([*cli, "--address", ray_cluster.address], timeout=360)
     wall = time.perf_counter() - start
     print(f"full pipeline on Ray: {wall:.1f} s")
