@@ -204,13 +204,18 @@ def write_report(
         "",
         f"Produced by `{command}` on {time.strftime('%Y-%m-%d')} ({machine}); {total_s / 60:.0f} min in this call.",
         "",
+        *(
+            [f"Rows of earlier calls with the same study arguments are kept: {'; '.join(f'`{c}`' for c in calls)}.", ""]
+            if (calls := [c for c in getattr(args, "calls", []) if c])
+            else []
+        ),
         *describe,
         "",
     ]
     lines += tables(rows, cache, args.main_level)
     (results / "synthetic-accuracy.md").write_text("\n".join(lines) + "\n")
     payload = {
-        "args": {k: v for k, v in vars(args).items()},
+        "args": {**vars(args), "command": command},
         "pseudo": cache,
         "rows": [
             {"group": r.group, "label": r.label, "source": r.source, "dataset": r.dataset, "seed": r.seed, **r.result}

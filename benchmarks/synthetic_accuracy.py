@@ -271,24 +271,28 @@ def record_key(row: Row | dict[str, Any]) -> tuple:
     return (get("group"), get("label"), get("source"), get("dataset") or "main", get("seed"))
 
 
-def recorded_results(args: argparse.Namespace, results: Path) -> tuple[dict[tuple, dict[str, Any]], dict[str, Any]]:
+def recorded_results(
+    args: argparse.Namespace, results: Path
+) -> tuple[dict[tuple, dict[str, Any]], dict[str, Any], list[str]]:
     """Rows and pseudo-label figures that an earlier call recorded in `results`/synthetic-accuracy.json
     with the same study arguments: kept in the report when their run folders are gone (another machine,
-    a cleaned runs/). The sources' folders themselves are not reused: a row that runs makes its own."""
+    a cleaned runs/). The sources' folders themselves are not reused: a row that runs makes its own.
+    Also returns the commands of the earlier calls whose rows are kept."""
     payload = runs.read_json(str(results / "synthetic-accuracy.json"))
     if not payload:
-        return {}, {}
+        return {}, {}, []
     before = payload.get("args", {})
     same = all(before.get(k) == getattr(args, k) for k in STUDY_ARGS) and (
         Path(before.get("pretrained") or "").name == Path(args.pretrained or "").name
     )
     if not same:
-        return {}, {}
+        return {}, {}, []
     fixed = ("group", "label", "source", "dataset", "seed")
     rows = {record_key(r): {k: v for k, v in r.items() if k not in fixed} for r in payload.get("rows", [])}
     figure = re.compile(r"-(quality|train-s|s-per-image|cls-map)$")
     figures = {k: v for k, v in payload.get("pseudo", {}).items() if figure.search(k)}
-    return rows, figures
+    calls = [*before.get("calls", []), before.get("command")] if before.get("command") else []
+    return rows, figures, calls
 
 
 # ---- running rows -----------------------------------------------------------------------------------
@@ -368,8 +372,8 @@ def main() -> None:
     bases = {name: study_spec(args, name) for name in DATASETS}
     args.seeds = args.seeds or [args.seed]
     earlier = {int(m[1]) for p in Path(args.runs).glob("*-seed*") if (m := re.search(r"-seed(\d+)$", p.name))}
-    recorded, cache = recorded_results(args, Path(args.results))
-    earlier |= {int(r["seed"]) for r in recorded.values() if r.get("seed") is not None}
+    recorded, cache, args.calls = recorded_results(args, Path(args.results))
+    earlier |= {int(key[4]) for key in recorded if key[4] is not None}
     args.all_seeds = sorted(set(args.seeds) | earlier | {args.seed})
     rows = with_seeds(build_rows(args.main_level), args.all_seeds, args.seed)
     for row in rows:  # rows an earlier call finished are reported too: from their run folder, else the record
