@@ -23,7 +23,7 @@ from torch import nn
 
 from cdsp_core import runs
 from cdsp_core.cam import generate_pseudo_labels, label_quality, quality_row
-from cdsp_core.data.layout import Layout, require_layout
+from cdsp_core.data.layout import Layout, check_dataset, require_layout
 from cdsp_core.data.scribbles import scribble_folder
 from cdsp_core.engine import (
     build_stage1_model,
@@ -40,8 +40,11 @@ COMPLETE = ".complete"
 
 
 def prepare_run(spec: ExperimentSpec, run: str, is_main: bool = True) -> Path:
-    """Write spec.yaml, refuse a dataset that does not hold the layout, return the scribble folder."""
+    """Return the scribble folder of a dataset that holds the layout (DatasetError otherwise). The driver
+    (`is_main`) also refuses a split too small for a batch (`check_dataset`) and writes spec.yaml; the
+    ranks of a stage only look the layout up, checked once per process."""
     if is_main:
+        check_dataset(spec)
         runs.write_text(runs.join(run, runs.SPEC), spec.to_yaml())
     require_layout(spec.data)
     return scribble_folder(spec.data)

@@ -187,9 +187,10 @@ def dashboard_ready(url: str, token: str | None, timeout: float = 2.0) -> bool:
     return True
 
 
-def pid_alive(pid: int) -> bool:
+def pid_alive(pid: int, group: bool = False) -> bool:
+    """Whether the process `pid` (with `group`: any process of the group it leads) still exists."""
     try:
-        os.kill(pid, 0)
+        (os.killpg if group else os.kill)(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
@@ -208,24 +209,14 @@ def stop_head(head: Head, proc: subprocess.Popen[bytes] | None = None, timeout: 
     if proc is not None:
         with suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=timeout)  # reaped here, so it does not linger in its group as a zombie
-    while time.monotonic() < deadline and _group_alive(head.pid):
+    while time.monotonic() < deadline and pid_alive(head.pid, group=True):
         time.sleep(0.2)
-    if _group_alive(head.pid):
+    if pid_alive(head.pid, group=True):
         with suppress(ProcessLookupError):
             os.killpg(head.pid, signal.SIGKILL)
         if proc is not None:
             proc.wait(timeout=10)
     shutil.rmtree(head.temp_dir, ignore_errors=True)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _terminate_with_parent() -> Callable[[], None] | None:

@@ -382,6 +382,12 @@ class ExperimentSpec(_Section):
                 )
         if not self.active_loss_terms:
             raise ValueError("stage2.losses: every term is off (or weighted 0); switch at least one on")
+        shared = [k for k in (self.search.space if self.search else {}) if k.startswith("stage1.")]
+        if shared and self.runs_stage1:
+            raise ValueError(
+                f"search.space: {shared} change stage 1, whose pseudo-labels every trial shares; "
+                "search stage-2 and data keys, or run one pipeline experiment per stage-1 setting"
+            )
         s2 = self.stage2
         side = feature_size(self.data.crop_size, s2.output_stride)
         if s2.aspp_rates is not None and max(s2.aspp_rates) >= side:
@@ -425,7 +431,7 @@ class ExperimentSpec(_Section):
     def runs_stage1(self) -> bool:
         """Whether this spec trains stage 1: it is a stage-1 job, or a pipeline or search whose stage 2
         needs pseudo-labels that no `data.pseudo_label_dir` supplies. Used by the engine, the Ray
-        launchers, the preflight and the service (epoch counts)."""
+        launchers, the dataset check and the service (epoch counts)."""
         if self.data.pseudo_label_dir is not None:
             return False
         return self.kind == "stage1" or (self.kind in ("pipeline", "search") and self.needs_pseudo_labels)
@@ -509,7 +515,7 @@ def validate_spec(data: Mapping[str, Any]) -> ExperimentSpec:
 def load_spec(source: str | Path | Mapping[str, Any], overrides: Iterable[str] = ()) -> ExperimentSpec:
     """Load a spec from a YAML file (a local path or a storage URI such as s3://bucket/spec.yaml) or a
     mapping, and apply `--set key=value` overrides. The one spec reader of the CLI, the job entrypoint
-    and the preflight; every problem is a SpecError naming the file or the key."""
+    and the service; every problem is a SpecError naming the file or the key."""
     if isinstance(source, Mapping):
         data: dict[str, Any] = copy.deepcopy(dict(source))
     else:

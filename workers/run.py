@@ -5,7 +5,7 @@ body (`run`) in the `cdsp` process. It joins the cluster at `--address`, else `R
 driver), else starts a local one on free ports, and runs the experiment into `--out`.
 
 Exit status 0 on success. On failure the last line printed is one line starting with `error: `
-(2: the spec, the dataset or the search space is wrong, nothing was trained; 1: training or the
+(2: the spec (its search space included) or the dataset is wrong, nothing was trained; 1: training or the
 cluster failed; 130: interrupted). SIGTERM (Ray's `stop_job`) is left to Ray's own handlers: the
 process ends with a non-zero status but no `error: ` line (a cancel is not a failure).
 
@@ -25,7 +25,6 @@ from typing import Any
 from cdsp_core import runs
 from cdsp_core.data.layout import DatasetError
 from cdsp_core.spec import ExperimentSpec, SpecError, load_spec
-from workers.preflight import SearchError
 
 USAGE_ERROR, RUN_ERROR, INTERRUPTED = 2, 1, 130
 
@@ -72,10 +71,9 @@ def stop_on_sigterm() -> Iterator[None]:
 
 def execute(spec: ExperimentSpec, out: str, address: str | None, num_cpus: int | None) -> dict[str, Any]:
     """Everything after the spec is read: checks, then the run on Ray (or the finished result)."""
+    from cdsp_core.data.layout import check_dataset
     from cdsp_core.runs import finished_result
-    from workers.preflight import check_dataset, check_space
 
-    check_space(spec)
     done = finished_result(spec, out)
     if done is not None:
         print(f"{out} already holds the finished run", flush=True)
@@ -106,7 +104,7 @@ def run(spec: ExperimentSpec, out: str, address: str | None = None, num_cpus: in
     try:
         result = execute(spec, out, address, num_cpus)
         print(runs.summary(result, out), flush=True)
-    except (SpecError, DatasetError, SearchError) as exc:
+    except (SpecError, DatasetError) as exc:
         code, message = USAGE_ERROR, " ".join(str(exc).split())
     except KeyboardInterrupt:
         code, message = INTERRUPTED, "interrupted"

@@ -30,7 +30,6 @@ from cdsp_core.pipeline import PseudoLabels, prepare_run, pseudo_labels, run_pip
 from cdsp_core.runner import append_metrics, list_checkpoints
 from cdsp_core.spec import Domain, ExperimentSpec, validate_spec
 from workers.cluster import env_vars, job_env
-from workers.preflight import check_space
 from workers.train import RayLauncher, ray_storage, worker_spec
 
 TRIALS_DIR = "trials"
@@ -254,7 +253,6 @@ def run_search(
 ) -> dict[str, Any]:
     """Run a `kind: search` experiment on the connected Ray cluster; returns the search's result.json."""
     assert spec.kind == "search" and spec.search is not None
-    check_space(spec)
     done = runs.finished_result(spec, out)
     if done is not None:
         log(f"{out} already holds the finished search")

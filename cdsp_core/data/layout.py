@@ -9,7 +9,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from cdsp_core.spec import DataSpec
+from cdsp_core.spec import DataSpec, ExperimentSpec
 
 IGNORE = 255
 """The label value of unlabelled pixels, in scribbles, pseudo-labels and ground truth alike."""
@@ -144,3 +144,21 @@ def require_layout(data: DataSpec) -> None:
     if problems:
         raise DatasetError("dataset problems: " + "; ".join(map(str, problems)))
     _CHECKED.add(key)
+
+
+def check_dataset(spec: ExperimentSpec) -> None:
+    """What a launcher checks before it starts anything: `require_layout`, and a training split that
+    fills a batch on every worker in each stage that runs (the engine's `make_train_loader` rule).
+    Raises DatasetError naming the problem."""
+    require_layout(spec.data)
+    workers = spec.resources.num_workers
+    n = len(read_ids(Layout.from_spec(spec.data).train_list))
+    stages = [("stage 2", spec.stage2.batch_size)] if spec.kind != "stage1" else []
+    if spec.runs_stage1:
+        stages.insert(0, ("stage 1", spec.stage1.batch_size))
+    for stage, batch in stages:
+        if n // workers < batch // workers:
+            raise DatasetError(
+                f"dataset problems: {stage}: the training split has {n} images, too few for batch size {batch} "
+                f"over {workers} worker(s)"
+            )

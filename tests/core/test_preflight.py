@@ -1,4 +1,4 @@
-"""Checks the entrypoint makes before torch, Ray or a cluster: finished runs, datasets, search spaces."""
+"""Checks a launcher makes before torch, Ray or a cluster: finished runs, datasets, search spaces."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from cdsp_core.data.layout import DatasetError
+from cdsp_core.data.layout import DatasetError, check_dataset
 from cdsp_core.runs import finished_result
+from cdsp_core.spec import SpecError
 from tests.workers.helpers import tiny_spec
-from workers.preflight import SearchError, check_dataset, check_space
 
 
 def test_finished_result_only_for_the_same_spec(tiny_synth: Path, tmp_path: Path) -> None:
@@ -42,8 +42,8 @@ def test_check_dataset_refuses_a_split_too_small_for_the_batch(tiny_synth: Path)
 
 def test_stage1_keys_cannot_be_searched_when_pseudo_labels_are_shared(tiny_synth: Path) -> None:
     space = {"stage1.lr": {"grid": [0.01, 0.1]}}
-    with pytest.raises(SearchError, match=r"\['stage1.lr'\] change stage 1"):
-        check_space(tiny_spec(tiny_synth, kind="search", search__space=space))
+    with pytest.raises(SpecError, match=r"search.space: \['stage1.lr'\] change stage 1"):
+        tiny_spec(tiny_synth, kind="search", search__space=space)
     # With external pseudo-labels stage 1 does not run: nothing is shared, the key is harmless.
-    check_space(tiny_spec(tiny_synth, kind="search", search__space=space, data__pseudo_label_dir="x"))
-    check_space(tiny_spec(tiny_synth, kind="search", search__space={"data.drop_ratio": {"grid": [0.0, 0.5]}}))
+    tiny_spec(tiny_synth, kind="search", search__space=space, data__pseudo_label_dir="x")
+    tiny_spec(tiny_synth, kind="search", search__space={"data.drop_ratio": {"grid": [0.0, 0.5]}})
