@@ -75,6 +75,12 @@ STAGE1 = {  # variant -> (row label, stage-1 overrides); every variant labels th
         "dense maps + random walk, 2 rounds",
         {**DENSE, "refine": "random_walk", "rounds": 2, "round_epochs": 8, "round_lr": 0.01},
     ),
+    # The maps at output stride 16 are 5x5 on a 65 px image: too coarse for concave and holed shapes,
+    # whose labels come out too large (high recall, low precision). The same at stride 8 (9x9).
+    "dense8+rw+r2": (
+        "dense maps at stride 8 + random walk, 2 rounds",
+        {**DENSE, "output_stride": 8, "refine": "random_walk", "rounds": 2, "round_epochs": 8, "round_lr": 0.01},
+    ),
 }  # fmt: skip
 # Variants whose first-round classifier is another's (the same spec up to the refinement and the
 # later rounds): its round-1 checkpoint and epoch rows are copied, so it is trained once.
