@@ -17,14 +17,27 @@ if [ ! -x .venv/bin/python ]; then
   echo "creating .venv"
   "$PY" -m venv .venv
 fi
+# pip with its output filtered (a warning every install prints); a failed install stops here, before
+# the stamp is written, with pip's own messages.
+pip_quiet() {
+  local out
+  if ! out=$(.venv/bin/python -m pip install -q "$@" 2>&1); then
+    printf '%s\n' "$out" >&2
+    echo "error: pip install $* failed" >&2
+    exit 1
+  fi
+  printf '%s\n' "$out" | grep -v -e '^WARNING: Location' -e '^$' || true
+}
 stamp=.venv/.cdsp-installed
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "installing the project and its dependencies into .venv (pip, editable)"
-  .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+  # A newer pip is nice to have, not needed: without an index it stays as it is.
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || echo "note: pip was not upgraded"
   # shellcheck disable=SC2086
-  .venv/bin/python -m pip install -q $TORCH_PINS 2>&1 | grep -v '^WARNING: Location' || true
-  .venv/bin/python -m pip install -q -e ".[dev]" $TORCH_PINS 2>&1 | grep -v '^WARNING: Location' || true
+  pip_quiet $TORCH_PINS
+  # shellcheck disable=SC2086
+  pip_quiet -e ".[dev]" $TORCH_PINS
   .venv/bin/python -c 'import cdsp_core, workers, service, torch, ray' # fails loudly if the install did not
   echo "$want" >"$stamp"
 fi

@@ -52,7 +52,6 @@ def test_help_lists_the_data_commands(invoke):
         assert name in result.output
 
 
-@pytest.mark.skipif(not CDSP.exists(), reason="console script not installed")
 def test_synth_console_script(tmp_path):
     """The installed `cdsp` (two render processes by default) writes the same files as generate()."""
     root = tmp_path / "synth"

@@ -46,9 +46,14 @@ def _pg_admin_url() -> str | None:
 
 @pytest.fixture(scope="session")
 def pg_admin() -> str:
+    if os.environ.get("CDSP_TEST_SKIP_POSTGRES") == "1":
+        pytest.skip("PostgreSQL skipped on request (CDSP_TEST_SKIP_POSTGRES=1)")
     url = _pg_admin_url()
     if url is None:
-        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432 (database test, user postgres or root)")
+        pytest.fail(
+            "PostgreSQL is not reachable on 127.0.0.1:5432 (database test, user postgres or root): start it, "
+            "or set CDSP_TEST_SKIP_POSTGRES=1 to skip its tests on a machine without it"
+        )
     return url
 
 

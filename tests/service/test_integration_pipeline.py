@@ -14,8 +14,6 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("workers.run")
-
 from cdsp_core import runs
 from cdsp_core.runs import QUALITY_KEYS
 from service.client import Client
