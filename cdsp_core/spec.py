@@ -12,7 +12,7 @@ import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -24,6 +24,20 @@ LOSS_TERMS = ("segs", "segc", "ds", "dc", "lorm")
 PSEUDO_TERMS = ("segc", "dc", "lorm")
 
 
+# Upper bounds of the values that size a job: far above any real experiment, low enough that a typo
+# or a hostile spec cannot ask a cluster for the impossible (README "Specs").
+MAX_CROP = 2048
+MAX_BATCH = 1024
+MAX_EPOCHS = 10_000
+MAX_WORKERS = 1024
+MAX_CPUS = 512.0
+MAX_LR = 10.0
+MAX_WEIGHT = 1e3
+MAX_SEED = 2**32 - 1  # NumPy's seeds
+Scale = Annotated[float, Field(gt=0, le=4)]
+"""An input scale of multi-scale inference."""
+
+
 class SpecError(ValueError):
     """A spec that cannot be loaded or validated; `errors` lists (field path, message)."""
 
@@ -33,7 +47,10 @@ class SpecError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    # Non-finite floats (NaN, Infinity) are refused everywhere.
+    model_config = ConfigDict(
+        extra="forbid", use_attribute_docstrings=True, validate_assignment=True, allow_inf_nan=False
+    )
 
 
 class DataSpec(_Section):
@@ -59,15 +76,15 @@ class DataSpec(_Section):
     """Shorten every scribble stroke to (1 - r) of its length; 1 leaves one point per stroke."""
     drop_ratio: float = Field(0.0, ge=0.0, le=1.0)
     """Remove each foreground stroke with this probability (seeded per image id)."""
-    variant_seed: int = 0
+    variant_seed: int = Field(0, ge=0, le=MAX_SEED)
     """Seed of the drop variant (with the image id); variants are cached per (ratio, seed)."""
-    crop_size: int = Field(465, ge=8)
+    crop_size: int = Field(465, ge=8, le=MAX_CROP)
     """Square training crop; smaller images are padded with the mean colour and label 255."""
     scale_range: tuple[float, float] = (0.5, 2.0)
     """Random rescaling range of the training augmentation."""
     augment: bool = True
     """Random scale, rotation, blur and flip during training (the crop is always applied)."""
-    loader_workers: int = Field(2, ge=0)
+    loader_workers: int = Field(2, ge=0, le=64)
     """DataLoader worker processes per training process."""
 
     @field_validator("scale_range")
@@ -84,14 +101,14 @@ class Stage1Spec(_Section):
     exceeds `cam_threshold`. `dense`: class maps with a background channel, trained by the
     multi-label loss and, on the scribbled pixels (background strokes included), by partial
     cross-entropy over the classes present in the image."""
-    dense_weight: float = Field(1.0, ge=0)
+    dense_weight: float = Field(1.0, ge=0, le=1e3)
     """`dense`: weight of the partial cross-entropy on the scribbles beside the multi-label loss."""
     refine: Literal["none", "random_walk"] = "random_walk"
     """`random_walk`: propagate the scribbles along image edges, with the class maps (restricted to the
     classes present) as a prior, into the pseudo-label. `none`: the class maps' argmax."""
-    rw_beta: float = Field(1.0, ge=0)
+    rw_beta: float = Field(1.0, ge=0, le=1e3)
     """Random walk: edge weight exp(-beta * colour difference^2 / the image's median one); 0 ignores edges."""
-    rw_prior_weight: float = Field(1e-3, gt=0)
+    rw_prior_weight: float = Field(1e-3, gt=0, le=1e3)
     """Random walk: how strongly each pixel keeps to the class maps against its neighbours (edge
     weights are at most 1): small, so the scribbles decide wherever edges let them reach, and the
     class maps decide the regions no scribble reaches."""
@@ -101,9 +118,9 @@ class Stage1Spec(_Section):
     """`dense`: self-training rounds. After the first, the classifier is fine-tuned for `round_epochs`
     on the previous round's pseudo-labels (partial cross-entropy on every labelled pixel) and the
     pseudo-labels are made again from its maps, seeded by the real scribbles."""
-    round_epochs: int = Field(8, ge=1)
+    round_epochs: int = Field(8, ge=1, le=MAX_EPOCHS)
     """Fine-tuning epochs of each round after the first."""
-    round_lr: float = Field(0.01, gt=0)
+    round_lr: float = Field(0.01, gt=0, le=MAX_LR)
     """Base learning rate of the rounds after the first (cosine decay to 0 within each round)."""
     backbone: Backbone = "resnet50"
     """Backbone of the multi-label CAM classifier."""
@@ -111,30 +128,23 @@ class Stage1Spec(_Section):
     """`none`, `imagenet` (torchvision cache under TORCH_HOME, never downloaded) or a file path."""
     output_stride: Literal[8, 16] = 16
     """Output stride of the classifier's last feature map (the CAM resolution)."""
-    epochs: int = Field(5, ge=1)
+    epochs: int = Field(5, ge=1, le=MAX_EPOCHS)
     """Training epochs of the classifier."""
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, le=MAX_BATCH)
     """Global batch size (split evenly across workers)."""
-    lr: float = Field(0.01, gt=0)
+    lr: float = Field(0.01, gt=0, le=MAX_LR)
     """Base learning rate (SGD, momentum 0.9, cosine decay to 0)."""
-    weight_decay: float = Field(1e-4, ge=0)
+    weight_decay: float = Field(1e-4, ge=0, le=1)
     """SGD weight decay."""
     crop_labels: bool = False
     """Label each augmented crop by the scribble pixels it keeps (unknown classes masked) instead of
     the whole image's classes: no label noise from random scaling and cropping."""
     cam_threshold: float = Field(0.25, ge=0.0, le=1.0)
     """`cam`: background score tau; a pixel is background unless a present class's CAM exceeds it."""
-    cam_scales: list[float] = Field(default_factory=lambda: [1.0, 0.5, 1.5, 2.0])
+    cam_scales: list[Scale] = Field(default_factory=lambda: [1.0, 0.5, 1.5, 2.0], min_length=1, max_length=8)
     """Input scales of the class-map inference (each also horizontally flipped)."""
     amp: bool = True
     """bf16 autocast on CUDA (ignored on CPU) for the classifier's training and inference."""
-
-    @field_validator("cam_scales")
-    @classmethod
-    def _positive_scales(cls, v: list[float]) -> list[float]:
-        if not v or any(s <= 0 for s in v):
-            raise ValueError(f"need a non-empty list of positive scales, got {v}")
-        return v
 
     @model_validator(mode="after")
     def _rounds_need_dense_maps(self) -> Stage1Spec:
@@ -165,15 +175,15 @@ class LossSwitches(_Section):
 
 
 class LossWeights(_Section):
-    segs: float = Field(1.0, ge=0)
+    segs: float = Field(1.0, ge=0, le=MAX_WEIGHT)
     """Weight of the partial cross-entropy."""
-    segc: float = Field(1.0, ge=0)
+    segc: float = Field(1.0, ge=0, le=MAX_WEIGHT)
     """Weight of the label-smoothed cross-entropy."""
-    ds: float = Field(1.0, ge=0)
+    ds: float = Field(1.0, ge=0, le=MAX_WEIGHT)
     """Weight of the scribble distance entropy."""
-    dc: float = Field(1.0, ge=0)
+    dc: float = Field(1.0, ge=0, le=MAX_WEIGHT)
     """Weight of the boundary distance entropy."""
-    lorm: float = Field(1.0, ge=0)
+    lorm: float = Field(1.0, ge=0, le=MAX_WEIGHT)
     """Weight of the LoRM loss."""
 
 
@@ -200,23 +210,23 @@ class Stage2Spec(_Section):
     sync_batchnorm: bool = False
     """SyncBatchNorm across the DDP workers (the official code uses it; per-GPU batches of 2-4
     need it). CUDA only."""
-    epochs: int = Field(50, ge=1)
+    epochs: int = Field(50, ge=1, le=MAX_EPOCHS)
     """Training epochs."""
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, le=MAX_BATCH)
     """Global batch size (split evenly across workers)."""
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-3, gt=0, le=MAX_LR)
     """Base learning rate of the warm-up + cosine schedule."""
-    head_lr_mult: float = Field(1.0, gt=0)
+    head_lr_mult: float = Field(1.0, gt=0, le=1e3)
     """Learning-rate multiplier of the head and LoRM (DeepLab fine-tuning often uses 10)."""
     momentum: float = Field(0.9, ge=0, lt=1)
     """SGD momentum."""
-    weight_decay: float = Field(5e-4, ge=0)
+    weight_decay: float = Field(5e-4, ge=0, le=1)
     """SGD weight decay."""
-    warmup_epochs: float = Field(10, ge=0)
+    warmup_epochs: float = Field(10, ge=0, le=MAX_EPOCHS)
     """Linear warm-up from 0 (paper 10, official code 5); then cosine decay to 0."""
-    lambda_s: float = 1.0
+    lambda_s: float = Field(1.0, ge=-100, le=100)
     """Exponent of the scribble distance map: distances are scaled by sqrt(e^lambda_s) (Eq. 16)."""
-    lambda_c: float = 6.0
+    lambda_c: float = Field(6.0, ge=-100, le=100)
     """Exponent of the pseudo-label boundary distance map (Eq. 14)."""
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     """Epsilon of the smoothed cross-entropy on the pseudo-label (Eq. 9)."""
@@ -227,32 +237,25 @@ class Stage2Spec(_Section):
     lorm_mask: Literal["query", "key", "class"] = "query"
     """LoRM foreground mask on the query rows (official code) or on the keys (paper's prose);
     `class`: on the query rows, and each query attends only to keys of its own pseudo-class."""
-    lorm_temperature: float = Field(1.0, gt=0)
+    lorm_temperature: float = Field(1.0, gt=0, le=1e3)
     """LoRM: the cosine scores are divided by it before the softmax (1: the paper's; below 1 sharpens)."""
     lorm_background_rows: bool = True
     """LoRM: whether background positions count in its loss. With query masking their rectified
     features are 0, so the loss pulls their features towards 0 (the official code's behaviour)."""
-    lorm_warmup_epochs: float = Field(0.0, ge=0)
+    lorm_warmup_epochs: float = Field(0.0, ge=0, le=MAX_EPOCHS)
     """LoRM: its loss weight ramps up linearly from 0 over these epochs (0: full weight from the start)."""
     amp: bool = True
     """bf16 autocast on CUDA (ignored on CPU)."""
     channels_last: bool = True
     """Channels-last memory format (faster convolutions on CUDA and on recent CPUs)."""
-    eval_scales: list[float] = Field(default_factory=lambda: [1.0])
+    eval_scales: list[Scale] = Field(default_factory=lambda: [1.0], min_length=1, max_length=8)
     """Evaluation scales; more than one (plus `eval_flip`) gives multi-scale inference."""
     eval_flip: bool = False
     """Average with the horizontally flipped prediction at evaluation."""
-    eval_every: int = Field(1, ge=1)
+    eval_every: int = Field(1, ge=1, le=MAX_EPOCHS)
     """Evaluate on the validation split every this many epochs (and always after the last)."""
-    keep_checkpoints: int = Field(2, ge=1)
+    keep_checkpoints: int = Field(2, ge=1, le=MAX_EPOCHS)
     """How many epoch checkpoints to keep in the run folder."""
-
-    @field_validator("eval_scales")
-    @classmethod
-    def _positive_scales(cls, v: list[float]) -> list[float]:
-        if not v or any(s <= 0 for s in v):
-            raise ValueError(f"need a non-empty list of positive scales, got {v}")
-        return v
 
     @field_validator("aspp_rates")
     @classmethod
@@ -268,13 +271,13 @@ def feature_size(crop: int, output_stride: int) -> int:
 
 
 class ResourcesSpec(_Section):
-    num_workers: int = Field(1, ge=1)
+    num_workers: int = Field(1, ge=1, le=MAX_WORKERS)
     """Ray Train workers (DDP ranks); a plain `cdsp run` uses one process."""
     use_gpu: bool = False
     """One GPU per worker and NCCL; gloo on CPU otherwise."""
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0, le=MAX_CPUS)
     """CPUs reserved per worker (data loading happens inside the worker)."""
-    max_failures: int = Field(0, ge=-1)
+    max_failures: int = Field(0, ge=-1, le=1000)
     """Worker-group restarts from the latest checkpoint before the run fails (-1 = unlimited)."""
 
 
@@ -301,6 +304,8 @@ class Domain(_Section):
         value = getattr(self, key)
         if key in ("grid", "choice") and not value:
             raise ValueError(f"{key} needs at least one value")
+        if key in ("grid", "choice") and any(isinstance(v, float) and not math.isfinite(v) for v in value):
+            raise ValueError(f"{key} values must be finite numbers, got {value}")
         if key in ("uniform", "loguniform", "randint") and not value[0] < value[1]:
             raise ValueError(f"{key} needs low < high, got {list(value)}")
         if key == "loguniform" and value[0] <= 0:
@@ -319,17 +324,17 @@ class Domain(_Section):
 class SearchSpec(_Section):
     space: dict[str, Domain] = Field(default_factory=dict)
     """Dotted spec key -> domain, e.g. `stage2.lambda_s: {grid: [0, 1, 2]}`."""
-    num_samples: int = Field(1, ge=1)
+    num_samples: int = Field(1, ge=1, le=10000)
     """Samples of the random domains (repeated for every grid point, as in Ray Tune)."""
     metric: Literal["miou"] = "miou"
     """Metric the search optimises (validation mIoU in percent)."""
     mode: Literal["max", "min"] = "max"
     """Whether the metric is maximised or minimised."""
-    max_concurrent_trials: int = Field(2, ge=1)
+    max_concurrent_trials: int = Field(2, ge=1, le=MAX_WORKERS)
     """Trials running at the same time (each a Ray Train run with `resources.num_workers`)."""
     scheduler: Literal["fifo", "asha"] = "fifo"
     """`asha` stops weak trials early (after `grace_period` epochs)."""
-    grace_period: int = Field(1, ge=1)
+    grace_period: int = Field(1, ge=1, le=MAX_EPOCHS)
     """Epochs every trial runs before ASHA may stop it."""
 
     @field_validator("space")
@@ -349,7 +354,7 @@ class ExperimentSpec(_Section):
     """Human-readable name (letters, digits, `.`, `_`, `-`)."""
     kind: Kind = "pipeline"
     """`pipeline` (stage 1 + 2), `stage1` (pseudo-labels only), `stage2`, or `search`."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     """Seed of every random generator (model init, sampling, augmentation)."""
     data: DataSpec = Field(default_factory=DataSpec)
     """Dataset location and conventions."""

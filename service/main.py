@@ -87,7 +87,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ctx = AppContext(settings, engine, sessions, readers, tokens=settings.resolved_tokens())
     ctx.registry, latency = make_registry(readers, ctx.ray_up)
     app.state.ctx = ctx
-    app.add_middleware(LatencyMiddleware, histogram=latency)
+    app.add_middleware(errors.BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(LatencyMiddleware, histogram=latency)  # added last: outermost, so 413s are timed too
     errors.install(app)
     app.include_router(system.public)
     for router in (system.router, experiments.router, artifacts.router):

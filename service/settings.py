@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     """CPUs of the embedded Ray head; unset = all cores."""
     replica_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     """Name of this replica in claims and transitions (defaults to host and pid)."""
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    """Largest request body accepted (a spec is a few kB); larger ones get 413 before they are parsed."""
     background: bool = True
     """Run the dispatcher and reconciler in this process (off for a read-only replica or some tests)."""
 

@@ -103,13 +103,53 @@ def test_literal_choices_are_rejected_with_the_valid_choices(data, path, choices
         ({"data": {"scale_range": [2.0, 1.0]}}, "data.scale_range"),
         ({"stage2": {"lr": 0}}, "stage2.lr"),
         ({"stage2": {"eval_scales": []}}, "stage2.eval_scales"),
-        ({"stage1": {"cam_scales": [1.0, -0.5]}}, "stage1.cam_scales"),
+        ({"stage1": {"cam_scales": [1.0, -0.5]}}, "stage1.cam_scales.1"),
         ({"name": "has space"}, "name"),
         ({"resources": {"num_workers": 0}}, "resources.num_workers"),
     ],
 )
 def test_out_of_range_values_name_their_field(data, path):
     assert paths_of(data) == [path]
+
+
+@pytest.mark.parametrize(
+    ("data", "path"),
+    [
+        ({"stage2": {"lr": float("inf")}}, "stage2.lr"),
+        ({"stage2": {"lambda_s": float("nan")}}, "stage2.lambda_s"),
+        ({"stage2": {"loss_weights": {"ds": float("inf")}}}, "stage2.loss_weights.ds"),
+        ({"stage1": {"cam_scales": [float("nan")]}}, "stage1.cam_scales.0"),
+        ({"stage1": {"cam_scales": []}}, "stage1.cam_scales"),
+        ({"data": {"crop_size": 100_000}}, "data.crop_size"),
+        ({"stage2": {"batch_size": 10**9}}, "stage2.batch_size"),
+        ({"stage1": {"epochs": 10**6}}, "stage1.epochs"),
+        ({"resources": {"cpus_per_worker": 1e6}}, "resources.cpus_per_worker"),
+        ({"resources": {"num_workers": 10**5}}, "resources.num_workers"),
+        ({"seed": 2**70}, "seed"),
+        ({"seed": -1}, "seed"),
+    ],
+)
+def test_non_finite_and_cluster_swamping_values_are_refused(data, path):
+    """NaN and Infinity are refused by every float field; the values that size a job have upper bounds."""
+    assert paths_of(data) == [path]
+
+
+def test_search_grid_values_must_be_finite():
+    space = {"stage2.lambda_s": {"grid": [1.0, float("nan")]}}
+    errors = errors_of({"kind": "search", "search": {"space": space}})
+    assert [p for p, _ in errors] == ["search.space.stage2.lambda_s"]
+    assert "finite" in errors[0][1]
+
+
+def test_the_published_schema_states_the_bounds():
+    """What the server enforces is in its JSON schema (the OpenAPI of the service is built from it)."""
+    from cdsp_core.spec import ExperimentSpec
+
+    defs = ExperimentSpec.model_json_schema()["$defs"]
+    cam_scales = defs["Stage1Spec"]["properties"]["cam_scales"]
+    assert cam_scales["minItems"] == 1 and cam_scales["items"]["exclusiveMinimum"] == 0
+    assert defs["DataSpec"]["properties"]["crop_size"]["maximum"] == 2048
+    assert defs["ResourcesSpec"]["properties"]["cpus_per_worker"]["maximum"] == 512
 
 
 def test_assignment_is_validated_too():

@@ -265,3 +265,38 @@ def test_logs_of_a_dispatched_experiment_answer_503_while_ray_is_down(app: FastA
         store.transition(s, exp_id, Status.dispatching, "claimed", "test", submission_id=exp_id)
     r = client.get(f"/v1/experiments/{exp_id}/logs")
     assert r.status_code == 503 and "Ray is unavailable" in r.json()["detail"]
+
+
+def test_a_body_over_the_limit_is_refused_with_413_before_parsing(client: TestClient) -> None:
+    huge = b'{"spec": {"name": "' + b"x" * (20 << 20) + b'"}}'  # 20 MB
+    r = client.post("/v1/experiments", content=huge, headers={**AUTH, "content-type": "application/json"})
+    assert r.status_code == 413 and "larger than" in r.json()["detail"]
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the limit counts the bytes as they come
+        yield b'{"spec": {"name": "'
+        for _ in range(40):
+            yield b"x" * (64 << 10)
+        yield b'"}}'
+
+    r = client.post("/v1/experiments", content=chunks(), headers={**AUTH, "content-type": "application/json"})
+    assert r.status_code == 413
+    assert client.get("/v1/experiments", headers=AUTH).json()["total"] == 0  # nothing was stored
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ('{"spec": {"stage2": {"lr": Infinity}}}', "stage2.lr"),
+        ('{"spec": {"stage2": {"lambda_s": NaN}}}', "stage2.lambda_s"),
+        ('{"spec": {"stage2": {"loss_weights": {"ds": Infinity}}}}', "stage2.loss_weights.ds"),
+        ('{"spec": {"stage1": {"cam_scales": [NaN]}}}', "stage1.cam_scales.0"),
+        ('{"spec": {"data": {"crop_size": 100000}}}', "data.crop_size"),
+        ('{"spec": {"stage2": {"batch_size": 1000000000}}}', "stage2.batch_size"),
+        ('{"spec": {"resources": {"cpus_per_worker": 1000000.0}}}', "resources.cpus_per_worker"),
+        ('{"spec": {"seed": 1180591620717411303424}}', "seed"),
+    ],
+)
+def test_hostile_spec_values_get_422_naming_the_field(client: TestClient, body: str, field: str) -> None:
+    r = client.post("/v1/experiments", content=body, headers={**AUTH, "content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert field in [e["field"] for e in r.json()["detail"]]
