@@ -78,6 +78,22 @@ class DataSpec(_Section):
     """Remove each foreground stroke with this probability (seeded per image id)."""
     variant_seed: int = Field(0, ge=0, le=MAX_SEED)
     """Seed of the drop variant (with the image id); variants are cached per (ratio, seed)."""
+
+    @field_validator("image_dir", "scribble_dir", "gt_dir", "train_list", "val_list", "distance_map_dir")
+    @classmethod
+    def _inside_root(cls, v: str | None) -> str | None:
+        """The dataset's own folders and lists stay inside `root`: relative, no `..` (a list outside the
+        dataset would be read, and its words could come back in error messages)."""
+        if v is not None and (not v.strip() or Path(v).is_absolute() or ".." in Path(v).parts):
+            raise ValueError(f"must be a path inside data.root: relative and without '..', got {v!r}")
+        return v
+
+    @field_validator("pseudo_label_dir")
+    @classmethod
+    def _no_parent(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).is_absolute() and ".." in Path(v).parts:
+            raise ValueError(f"a relative pseudo-label folder must stay inside data.root (no '..'), got {v!r}")
+        return v
     crop_size: int = Field(465, ge=8, le=MAX_CROP)
     """Square training crop; smaller images are padded with the mean colour and label 255."""
     scale_range: tuple[float, float] = (0.5, 2.0)

@@ -52,12 +52,15 @@ class Settings(BaseSettings):
     """CPUs of the embedded Ray head; unset = all cores."""
     replica_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     """Name of this replica in claims and transitions (defaults to host and pid)."""
+    dataset_roots: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Where datasets may live, comma-separated local folders or URI prefixes; unset = anywhere. When set, a spec
+    whose `data.root` (or absolute `data.pseudo_label_dir`) lies elsewhere is refused with 422."""
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     """Largest request body accepted (a spec is a few kB); larger ones get 413 before they are parsed."""
     background: bool = True
     """Run the dispatcher and reconciler in this process (off for a read-only replica or some tests)."""
 
-    @field_validator("api_tokens", mode="before")
+    @field_validator("api_tokens", "dataset_roots", mode="before")
     @classmethod
     def _split(cls, v: object) -> object:
         if isinstance(v, str):
@@ -98,3 +101,16 @@ class Settings(BaseSettings):
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_urlsafe(32))
         return [path.read_text().strip()]
+
+    def outside_dataset_roots(self, location: str) -> bool:
+        """Whether a dataset location lies outside `dataset_roots` (never, when none are configured)."""
+        if not self.dataset_roots:
+            return False
+        if runs.is_remote(location):
+            return not any(
+                location.rstrip("/").startswith(r.rstrip("/") + "/") for r in self.dataset_roots if runs.is_remote(r)
+            )
+        where = Path(location).expanduser().resolve()
+        return not any(
+            where.is_relative_to(Path(r).expanduser().resolve()) for r in self.dataset_roots if not runs.is_remote(r)
+        )

@@ -114,10 +114,14 @@ def check_layout(data: DataSpec, need_pseudo: bool = False) -> list[Problem]:
             problems.append(Problem(name, f"folder {folder} is missing"))
     if need_pseudo and lay.pseudo_label_dir is not None and not lay.pseudo_label_dir.is_dir():
         problems.append(Problem("data.pseudo_label_dir", f"folder {lay.pseudo_label_dir} is missing"))
+    inside = lay.root.resolve()
     for name, lst, files in (
         ("data.train_list", lay.train_list, (lay.image, lay.scribble)),
         ("data.val_list", lay.val_list, (lay.image, lay.gt)),
     ):
+        if not lst.resolve().is_relative_to(inside):  # a link out of the dataset: never read it
+            problems.append(Problem(name, f"{lst} resolves outside data.root"))
+            continue
         try:
             ids = read_ids(lst)
         except DatasetError as exc:

@@ -20,6 +20,7 @@ from service.errors import InputError
 from service.models import Experiment
 from service.ray_jobs import JobNotFound, RayError, RayUnavailable
 from service.schemas import ConflictOut, ErrorOut, ExperimentCreate, ExperimentOut, ExperimentPage
+from service.settings import Settings
 from service.states import ACTIVE, IllegalTransition, Status
 
 router = APIRouter(prefix="/v1/experiments", tags=["experiments"])
@@ -34,9 +35,18 @@ RESPONSES: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut, "descript
 ACTION_RESPONSES = RESPONSES | {409: {"model": ConflictOut, "description": "The state does not allow the action"}}
 
 
-def dataset_problems(spec: ExperimentSpec) -> list[tuple[str, str]]:
-    """Layout problems of a dataset root this process can see; a root it cannot see is the cluster's to check."""
+def dataset_problems(spec: ExperimentSpec, settings: Settings) -> list[tuple[str, str]]:
+    """A dataset outside the operator's `dataset_roots`; else the layout problems of a dataset root this
+    process can see (a root it cannot see is the cluster's to check)."""
     root = spec.data.root
+    try:
+        if settings.outside_dataset_roots(root):
+            return [("data.root", "is outside the dataset roots this service accepts (CDSP_DATASET_ROOTS)")]
+        pseudo = spec.data.pseudo_label_dir
+        if pseudo is not None and FsPath(pseudo).is_absolute() and settings.outside_dataset_roots(pseudo):
+            return [("data.pseudo_label_dir", "is outside the dataset roots this service accepts")]
+    except (OSError, ValueError) as exc:
+        return [("data.root", f"not a usable path: {exc}")]
     if runs.is_remote(root):
         return []
     try:
@@ -88,7 +98,7 @@ def create_experiment(
         return _replay(first, fingerprint, ctx, session, response)
     if too_big := size_problems(body.spec):
         raise InputError([(["body", "spec", *field.split(".")], msg, "value_error") for field, msg in too_big])
-    if problems := dataset_problems(body.spec):
+    if problems := dataset_problems(body.spec, ctx.settings):
         raise InputError([(["body", "spec", *field.split(".")], msg, "dataset_layout") for field, msg in problems])
     exp = store.new_experiment(
         body.spec, body.priority, ctx.settings.run_dir, runfolder.total_epochs(body.spec), idempotency_key, fingerprint

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -300,3 +301,55 @@ def test_hostile_spec_values_get_422_naming_the_field(client: TestClient, body: 
     r = client.post("/v1/experiments", content=body, headers={**AUTH, "content-type": "application/json"})
     assert r.status_code == 422, r.text
     assert field in [e["field"] for e in r.json()["detail"]]
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"train_list": "/etc/hostname"}, "data.train_list"),
+        ({"val_list": "../../etc/hostname"}, "data.val_list"),
+        ({"scribble_dir": "/tmp"}, "data.scribble_dir"),
+        ({"pseudo_label_dir": "../elsewhere"}, "data.pseudo_label_dir"),
+    ],
+)
+def test_dataset_files_outside_the_root_are_refused_without_reading_them(
+    client: TestClient, tiny_synth: Path, data: dict[str, str], field: str
+) -> None:
+    spec = small_spec(root=str(tiny_synth))
+    spec["data"].update(data)
+    r = client.post("/v1/experiments", json={"spec": spec})
+    assert r.status_code == 422
+    assert [e["field"] for e in r.json()["detail"]] == [field]
+    assert "inside data.root" in r.json()["detail"][0]["msg"]
+
+
+def test_a_list_linked_out_of_the_dataset_is_not_read(client: TestClient, tiny_synth: Path, tmp_path: Path) -> None:
+    """A symlink inside the root that points outside it: refused by the layout check, and no word of the
+    file it points to appears in the answer (it used to come back as `.../JPEGImages/<word>.jpg is missing`)."""
+    root = tmp_path / "linked"
+    shutil.copytree(tiny_synth, root)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("hunter2-do-not-echo\n")
+    (root / "ImageSets/SegmentationAug/train.txt").unlink()
+    (root / "ImageSets/SegmentationAug/train.txt").symlink_to(secret)
+    r = client.post("/v1/experiments", json={"spec": small_spec(root=str(root))})
+    assert r.status_code == 422
+    assert [e["field"] for e in r.json()["detail"]] == ["data.train_list"]
+    assert "resolves outside data.root" in r.text and "hunter2" not in r.text
+
+
+def test_dataset_roots_limit_where_datasets_may_live(
+    make_settings: Callable[..., Settings], tiny_synth: Path, tmp_path: Path
+) -> None:
+    allowed = tmp_path / "datasets"
+    shutil.copytree(tiny_synth, allowed / "tiny")
+    app = create_app(make_settings(dataset_roots=str(allowed)))
+    with TestClient(app, headers=AUTH) as client:
+        r = client.post("/v1/experiments", json={"spec": small_spec(root=str(tiny_synth))})
+        assert r.status_code == 422 and r.json()["detail"][0]["field"] == "data.root"
+        assert "CDSP_DATASET_ROOTS" in r.json()["detail"][0]["msg"]
+        outside = {**small_spec(root=str(allowed / "tiny")), "kind": "stage2"}
+        outside["data"]["pseudo_label_dir"] = str(tiny_synth / "SegmentationClassAug")
+        r = client.post("/v1/experiments", json={"spec": outside})
+        assert r.status_code == 422 and r.json()["detail"][0]["field"] == "data.pseudo_label_dir"
+        assert client.post("/v1/experiments", json={"spec": small_spec(root=str(allowed / "tiny"))}).status_code == 201
