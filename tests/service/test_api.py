@@ -190,8 +190,14 @@ def test_checkpoints_are_listed_and_streamed_with_length_and_sha256(app: FastAPI
     assert r.headers["x-checksum-sha256"] == hashlib.sha256(data).hexdigest()
     missing = client.get(f"/v1/experiments/{exp['id']}/checkpoints/stage2-epoch009.pt")
     assert missing.status_code == 404 and "stage2-epoch009.pt" in missing.json()["detail"]
-    for bad in ("..%2F..%2Fspec.yaml", "%2E%2E", "spec.yaml", ".hidden.pt"):
-        assert client.get(f"/v1/experiments/{exp['id']}/checkpoints/{bad}").status_code in (404, 422), bad
+    escapes = (
+        "..%2F..%2Fspec.yaml", "%2E%2E", "spec.yaml", ".hidden.pt", "%2Fetc%2Fhostname", "..%2F..%2Fx.pt",
+        "%2E%2E%2Fcheckpoints%2Fstage2-epoch002.pt", "..%252F..%252Fx.pt", "x%00.pt", "%2Ftmp%2Fx.png",
+    )  # fmt: skip
+    for bad in escapes:  # encoded `..`, absolute paths, double encoding, NUL: never a file outside the folder
+        for kind in ("checkpoints", "figures"):
+            r = client.get(f"/v1/experiments/{exp['id']}/{kind}/{bad}")
+            assert r.status_code in (404, 422), (kind, bad, r.status_code)
     fig = client.get(f"/v1/experiments/{exp['id']}/figures/miou.png")
     assert fig.status_code == 200 and fig.headers["content-type"] == "image/png"
     assert fig.content == files["figures/miou.png"]
