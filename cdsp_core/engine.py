@@ -153,6 +153,7 @@ def fit(
                 group["lr"] = group["initial_lr"] * lr_at(step, total, warmup, 1.0)
         if runner.is_main:
             runner.log(f"{stage}: resuming from {resume} at epoch {start_epoch}")
+            ensure_logged(runner.run, last_row)
     lr = optimizer.param_groups[0]["lr"]
     for epoch in range(start_epoch, epochs + 1):
         timer = EpochTimer()
@@ -188,7 +189,6 @@ def fit(
         row["time"] = time.time()
         folder = None
         if runner.is_main:
-            append_metrics(runner.run, row)
             state = {
                 "stage": stage,
                 "epoch": epoch,
@@ -200,7 +200,10 @@ def fit(
                 "spec": spec.model_dump(mode="json"),
                 "row": row,
             }
+            # The checkpoint first, then its row: a process killed between the two leaves a checkpoint
+            # whose row the resumed run appends (`ensure_logged`), so every epoch is logged exactly once.
             folder = save_checkpoint(runner, stage, epoch, state, keep)
+            append_metrics(runner.run, row)
             if runner.verbose:
                 runner.log(_epoch_line(row))
         runner.report(row, folder)
@@ -208,6 +211,15 @@ def fit(
             shutil.rmtree(folder, ignore_errors=True)  # the host has had it; the run folder keeps a copy
         last_row = row
     return model, last_row
+
+
+def ensure_logged(run: str, row: dict[str, Any]) -> None:
+    """Append a resumed checkpoint's epoch row to metrics.jsonl unless it is already there."""
+    if not row:
+        return
+    key = (row.get("stage"), row.get("epoch"))
+    if not any((r.get("stage"), r.get("epoch")) == key for r in runs.read_jsonl(runs.join(run, runs.METRICS))):
+        append_metrics(run, row)
 
 
 def _epoch_row(

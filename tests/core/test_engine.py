@@ -193,6 +193,33 @@ def test_a_finished_run_resumes_to_the_same_result(tiny_synth, tmp_path):
     assert len([r for r in runs.read_jsonl(runs.join(out, runs.METRICS)) if r["stage"] == "stage2"]) == 1
 
 
+def test_a_run_killed_between_checkpoint_and_metrics_row_logs_that_epoch_once(tiny_synth, tmp_path):
+    """The checkpoint is written before its epoch's row; a resumed run appends a row its checkpoint has
+    and metrics.jsonl lacks (the process died in between), so every epoch is logged exactly once."""
+    spec = tiny_spec(tiny_synth, **{"stage2.epochs": 1})
+    out = str(tmp_path / "run")
+
+    def die_after_the_checkpoint(run: str, row: dict) -> None:
+        raise Interrupt("killed between the checkpoint and its row")
+
+    import cdsp_core.engine as engine
+
+    original = engine.append_metrics
+    engine.append_metrics = die_after_the_checkpoint
+    try:
+        with pytest.raises(Interrupt):
+            run_pipeline(spec, out, Runner(run=out, progress=False), figures=False)
+    finally:
+        engine.append_metrics = original
+    assert list_checkpoints(out, "stage2") == ["stage2-epoch001.pt"]
+    assert not [r for r in runs.read_jsonl(runs.join(out, runs.METRICS)) if r["stage"] == "stage2"]
+    run_pipeline(spec, out, Runner(run=out, progress=False), figures=False)
+    rows = [r for r in runs.read_jsonl(runs.join(out, runs.METRICS)) if r["stage"] == "stage2"]
+    assert [r["epoch"] for r in rows] == [1]
+    run_pipeline(spec, out, Runner(run=out, progress=False), figures=False)  # finished: nothing appended
+    assert len([r for r in runs.read_jsonl(runs.join(out, runs.METRICS)) if r["stage"] == "stage2"]) == 1
+
+
 def test_dataset_problems_fail_before_training(tmp_path, tiny_synth):
     root = tmp_path / "broken"
     shutil.copytree(tiny_synth, root)
