@@ -2,7 +2,8 @@
 
 Runs in one daemon thread (the Ray SDK and the store are blocking). A POST wakes it at once so a
 new experiment does not wait for the next tick. Any error in a pass is logged and the loop
-carries on: a database or Ray outage must not kill it.
+carries on: a database or Ray outage must not kill it. An embedded head that died is started again
+(new ports, new token); a cluster that stays unreachable has its experiments failed as lost.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import threading
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.dispatcher import Dispatcher
+from service.ray_head import EmbeddedHead
 from service.ray_jobs import RayJobs
 from service.reconciler import Reconciler
 from service.settings import Settings
@@ -22,9 +24,12 @@ FAST_POLL = 0.25  # seconds between passes while a submitted job has not started
 
 
 class ControlLoop:
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session], ray: RayJobs):
+    def __init__(
+        self, settings: Settings, sessions: sessionmaker[Session], ray: RayJobs, head: EmbeddedHead | None = None
+    ):
         self.settings = settings
         self.ray = ray
+        self.head = head
         self.dispatcher = Dispatcher(settings, sessions, ray)
         self.reconciler = Reconciler(settings, sessions, ray)
         self.ray_problem: str | None = "not checked yet"
@@ -61,6 +66,14 @@ class ControlLoop:
 
         Returns how many experiments are dispatching (submitted to Ray, not running yet).
         """
+        if self.head is not None and (info := self.head.restart_if_dead()) is not None:
+            assert info.dashboard_url is not None
+            lost = self.ray.address
+            self.ray.rebind(info.dashboard_url, info.token)
+            self.reconciler.fail_submitted(
+                f"lost the Ray cluster at {lost}: the embedded Ray head died; the service started a new one at "
+                f"{info.dashboard_url}"
+            )
         problem = self.ray.ping()
         if problem != self.ray_problem:  # log changes, not every tick of an outage
             if problem:
@@ -69,7 +82,10 @@ class ControlLoop:
                 log.info("Ray at %s is reachable", self.ray.address)
         self.ray_problem = problem
         pending = 0
-        if problem is None:
+        if problem is not None:
+            self.reconciler.cluster_unreachable(problem)
+        else:
+            self.reconciler.cluster_reachable()
             pending = self.reconciler.reconcile_once()
             if self.dispatcher.dispatch_once():
                 pending = self.reconciler.reconcile_once()

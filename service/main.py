@@ -55,7 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         db.migrate(ctx.engine)
         ctx.ray_jobs, ctx.head = _connect_ray(settings)
         if settings.background:
-            ctx.loop = ControlLoop(settings, ctx.sessions, ctx.ray)
+            ctx.loop = ControlLoop(settings, ctx.sessions, ctx.ray, ctx.head)
             ctx.loop.start()
         # Everything imported and set up so far lives as long as the process: move it out of the
         # collector's reach, or each full collection walks ~100k objects (~50 ms under the GIL),

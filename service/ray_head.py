@@ -71,3 +71,18 @@ class EmbeddedHead:
         stop_head(self.info, self._proc)
         self.state_file.unlink(missing_ok=True)
         self.info, self._proc = None, None
+
+    def restart_if_dead(self, timeout: float = 120.0) -> Head | None:
+        """A head whose process is gone (killed, its machine lost) is cleaned up and started again, on
+        new ports with a new token; returns the new head, or None when the head is alive."""
+        if self.info is None:
+            return None
+        # Our own child lingers as a zombie until reaped: ask Popen; an adopted head by its pid.
+        alive = self._proc.poll() is None if self._proc is not None else pid_alive(self.info.pid)
+        if alive:
+            return None
+        log.warning("the embedded Ray head pid %d is gone; starting a new one", self.info.pid)
+        stop_head(self.info, self._proc)  # what is left of its process group, its temp folder
+        self.state_file.unlink(missing_ok=True)
+        self.info, self._proc = None, None
+        return self.start(timeout)

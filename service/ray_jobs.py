@@ -56,25 +56,38 @@ class RayJobs:
     """Submit, follow, stop and read the logs of Ray jobs on one cluster."""
 
     def __init__(self, address: str, token: str | None, timeout: float = 10.0, dashboard_url: str | None = None):
-        self.address = address.rstrip("/")
-        self.dashboard = (dashboard_url or self.address).rstrip("/")
-        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.timeout = timeout
+        self._public_dashboard = dashboard_url
         self._client: Any = None
         self._lock = threading.Lock()
-        # One connection pool for the health pings: a new httpx client per call builds an SSL
-        # context (~20 ms of CPU under the GIL), which showed up as API tail latency.
-        self._http = httpx.Client(headers=self.headers)
+        self._http: httpx.Client | None = None
+        self.rebind(address, token)
+
+    def rebind(self, address: str, token: str | None) -> None:
+        """Point at another cluster (the embedded head restarted on new ports, with a new token)."""
+        with self._lock:
+            self.address = address.rstrip("/")
+            self.dashboard = (self._public_dashboard or self.address).rstrip("/")
+            self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+            self._client = None
+            old, self._http = self._http, httpx.Client(headers=self.headers)
+            # One connection pool for the health pings: a new httpx client per call builds an SSL
+            # context (~20 ms of CPU under the GIL), which showed up as API tail latency.
+        if old is not None:
+            old.close()
 
     def close(self) -> None:
         """Release the ping client's connections (the SDK client keeps none open)."""
-        self._http.close()
+        if self._http is not None:
+            self._http.close()
 
     # ---- connection --------------------------------------------------------------------
     def ping(self, timeout: float = 3.0) -> str | None:
         """None when the dashboard answers with our token, else why not."""
+        http = self._http
+        assert http is not None
         try:
-            r = self._http.get(f"{self.address}/api/version", timeout=timeout)
+            r = http.get(f"{self.address}/api/version", timeout=timeout)
         except httpx.HTTPError as exc:
             return f"Ray dashboard {self.address} unreachable: {type(exc).__name__}: {exc}"
         if r.status_code in (401, 403):

@@ -3,13 +3,19 @@
 Each pass looks at every dispatching or running experiment: its Ray job's status, and its run
 folder (metrics.jsonl, checkpoints/, trials.json, result.json). It holds no state of its own, so
 a restarted service simply carries on, and every write is idempotent or a compare-and-set, so
-several replicas may reconcile at once. When a job ends, its logs are copied to
-`{run}/logs/{submission_id}.log` before the final state is written, so they outlive the head.
+several replicas may reconcile at once. A running job's logs are copied to
+`{run}/logs/{submission_id}.log` every `log_mirror_interval` seconds, and once more before the final
+state is written, so they outlive the head.
+
+When Ray stays unreachable for `ray_lost_after` seconds, the experiments it was running are failed
+as lost, naming the cluster (their metrics read from the run folder first); a replica that sees the
+cluster again stops those jobs if they are still there, so that a retry never runs beside them.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from datetime import UTC, datetime
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -31,6 +37,9 @@ class Reconciler:
         self.sessions = sessions
         self.ray = ray
         self.replica = settings.replica_id
+        self.unreachable_since: float | None = None  # monotonic time of the first failed ping of an outage
+        self._lost: dict[str, str] = {}  # experiment id -> submission id, failed as lost in this outage
+        self._mirrored: dict[str, float] = {}  # submission id -> monotonic time of the last log copy
 
     def reconcile_once(self) -> int:
         """One pass over the active experiments; stops early when Ray is unreachable.
@@ -71,6 +80,8 @@ class Reconciler:
                 self._update(exp, submitted_at=utcnow())
             if job.status == "RUNNING" and exp.status == Status.dispatching:
                 self._move(exp, Status.running, "Ray job running", started_at=_ts(job.start_time))
+            if job.status == "RUNNING":
+                self._mirror_logs(exp.run_dir, sid)
             self.ingest(exp, spec)
             return
         self._finish(exp, spec, job)
@@ -139,6 +150,58 @@ class Reconciler:
             if job.status == "STOPPED":
                 error = f"the Ray job was stopped outside the service: {error}"
             self._move(exp, Status.failed, f"Ray job {job.status.lower()}", finished_at=when, error=error)
+
+    # ---- a lost cluster -----------------------------------------------------------------------
+    def cluster_unreachable(self, problem: str) -> list[str]:
+        """Called on every pass while Ray does not answer; once it has not for `ray_lost_after` seconds,
+        fails the experiments submitted to it. Returns the ids failed now."""
+        now = time.monotonic()
+        if self.unreachable_since is None:
+            self.unreachable_since = now
+        waited = now - self.unreachable_since
+        if waited < self.settings.ray_lost_after:
+            return []
+        return self.fail_submitted(f"lost the Ray cluster at {self.ray.address}: {problem}, for {waited:.0f} s")
+
+    def fail_submitted(self, cause: str) -> list[str]:
+        """Fail (or, when a cancel was asked, cancel) every experiment submitted to the lost cluster, its
+        metrics read from the run folder first; returns their ids."""
+        with self.sessions() as s:
+            active = [e for e in store.active(s) if e.submitted_at is not None]
+        failed = []
+        for exp in active:
+            spec = self._spec(exp)
+            if spec is not None:
+                self.ingest(exp, spec)  # the run folder does not depend on Ray: metrics up to the loss
+            sid = exp.submission_id or exp.id
+            error = (
+                f"{cause}; the logs up to then are in logs/{sid}.log; retry resumes from the latest "
+                "checkpoint once a cluster answers"
+            )
+            to = Status.cancelled if exp.cancel_requested else Status.failed
+            if self._move(exp, to, "Ray cluster lost", finished_at=utcnow(), error=error):
+                self._lost[exp.id] = sid
+                failed.append(exp.id)
+        return failed
+
+    def cluster_reachable(self) -> None:
+        """Ray answers (again): jobs failed as lost that the cluster still runs are stopped."""
+        self.unreachable_since = None
+        for exp_id, sid in list(self._lost.items()):
+            try:
+                self.ray.stop(sid)
+            except JobNotFound:
+                pass
+            except (RayError, RayUnavailable) as exc:
+                log.warning("could not stop %s of lost experiment %s: %s", sid, exp_id, exc)
+                continue
+            del self._lost[exp_id]
+
+    def _mirror_logs(self, run_dir: str, sid: str) -> None:
+        now = time.monotonic()
+        if now - self._mirrored.get(sid, 0.0) >= self.settings.log_mirror_interval:
+            self._mirrored[sid] = now
+            self._archive_logs(run_dir, sid)
 
     def _archive_logs(self, run_dir: str, sid: str) -> str:
         try:

@@ -52,6 +52,11 @@ class Settings(BaseSettings):
     """CPUs of the embedded Ray head; unset = all cores."""
     replica_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     """Name of this replica in claims and transitions (defaults to host and pid)."""
+    ray_lost_after: float = Field(default=60.0, gt=0)
+    """Seconds Ray may stay unreachable before the experiments it was running are failed as lost (their
+    logs up to then are kept; `retry` resumes them from the latest checkpoint once a cluster answers)."""
+    log_mirror_interval: float = Field(default=10.0, gt=0)
+    """Seconds between two copies of a running job's logs into its run folder (they outlive a lost head)."""
     dataset_roots: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Where datasets may live, comma-separated local folders or URI prefixes; unset = anywhere. When set, a spec
     whose `data.root` (or absolute `data.pseudo_label_dir`) lies elsewhere is refused with 422."""

@@ -31,7 +31,7 @@ from service.ray_head import EmbeddedHead
 from service.ray_jobs import RayJobs
 from service.reconciler import Reconciler
 from service.settings import Settings
-from tests.service.conftest import AUTH, small_spec, wait_until
+from tests.service.conftest import AUTH, UNREACHABLE_RAY, small_spec, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(240)]
 FINAL = ("succeeded", "failed", "cancelled")
@@ -228,6 +228,42 @@ def test_two_dispatchers_on_one_postgresql_submit_each_experiment_once(
         assert {ctx.ray.info(i).status for i in ids} == {"SUCCEEDED"}  # one Ray job per experiment id
         for engine, _ in replicas:
             engine.dispose()
+
+
+def test_an_unreachable_cluster_fails_its_runs_and_they_are_stopped_when_it_is_back(
+    ray_settings: Callable[..., Settings],
+) -> None:
+    """A configured cluster that stops answering (a partition, a dead head): after `ray_lost_after` its
+    running experiment is failed naming it, /readyz says why; once it answers again, the job it still
+    ran is stopped (a retry must never run beside it), and the retry finishes."""
+    from service.control import ControlLoop
+
+    settings = ray_settings(background=False, ray_lost_after=1.0)
+    app = create_app(settings)
+    with TestClient(app, headers=AUTH) as client:
+        ctx: AppContext = app.state.ctx
+        exp_id = client.post("/v1/experiments", json={"spec": small_spec("slow-partition", epochs=20)}).json()["id"]
+        loop = ControlLoop(settings, ctx.sessions, ctx.ray)
+
+        def status_after_a_pass() -> str:
+            loop.pass_once()
+            return str(get(client, exp_id)["status"])
+
+        wait_until(lambda: status_after_a_pass() == "running", 60, "the job to run", 0.3)
+        address, token = ctx.ray.address, settings.ray_token
+        ctx.ray.rebind(UNREACHABLE_RAY, token)  # the cluster stops answering
+        wait_until(lambda: status_after_a_pass() == "failed", 30, "the run to fail as lost", 0.3)
+        failed = get(client, exp_id)
+        assert failed["error"].startswith(f"lost the Ray cluster at {UNREACHABLE_RAY}: "), failed["error"]
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and "unreachable" in ready.json()["ray"]
+
+        ctx.ray.rebind(address, token)  # back: the job it kept running is stopped
+        loop.pass_once()
+        wait_until(lambda: ctx.ray.info(exp_id).status in ("STOPPED", "FAILED"), 60, "the orphan job to stop")
+        client.post(f"/v1/experiments/{exp_id}/retry")
+        wait_until(lambda: status_after_a_pass() in FINAL, 120, "the retry to finish", 0.3)
+        assert get(client, exp_id)["status"] == "succeeded"
 
 
 def test_the_embedded_head_is_adopted_by_a_restarted_service(ray_head: EmbeddedHead) -> None:
