@@ -1,6 +1,7 @@
-"""The real job (`python -m workers.run`) through the service's fault paths, on the service's own
-embedded Ray head: the head lost mid-run (SIGKILL of its whole process group, as when its machine
-dies), then a retry on the head the service started again."""
+"""The real job (`python -m workers.run`) through the service's fault paths: cancel, retry after a
+cancel, the service SIGKILLed mid-run and restarted (on the session's shared Ray head), and the
+head lost mid-run (SIGKILL of the service's own embedded head's process group, as when its machine
+dies), then a retry on the head the service started again. (The demo path: test_demo.py.)"""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ import httpx
 import pytest
 
 from cdsp_core import runs
+from cdsp_core.ray_head import pid_alive
 from service.client import Client
+from service.ray_head import EmbeddedHead
 from tests.service.conftest import AUTH, TOKEN, wait_until
 from tests.service.server import ServiceProcess
 
@@ -57,6 +60,42 @@ def embedded(tmp_path: Path) -> Iterator[ServiceProcess]:
         yield proc
     finally:
         proc.stop(timeout=60)
+
+
+@pytest.fixture
+def on_shared_head(ray_head: EmbeddedHead, tmp_path: Path) -> Iterator[ServiceProcess]:
+    """The service on the session's Ray head (CDSP_RAY_ADDRESS) with the real job entrypoint."""
+    assert ray_head.info is not None and ray_head.info.dashboard_url is not None
+    env = {
+        "CDSP_DATA_DIR": str(tmp_path / "cdsp-data"),
+        "CDSP_DATABASE_URL": f"sqlite:///{tmp_path / 'service.db'}",
+        "CDSP_STORAGE": str(tmp_path / "artifacts"),
+        "CDSP_RAY_ADDRESS": ray_head.info.dashboard_url,
+        "CDSP_RAY_TOKEN": ray_head.info.token or "",
+        "CDSP_API_TOKENS": TOKEN,
+        "CDSP_POLL_INTERVAL": "0.5",
+    }
+    proc = ServiceProcess(env, tmp_path, tmp_path / "service.log")
+    proc.env.pop("CDSP_JOB_ENTRYPOINT", None)
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def job_worker_pids(ray_head: EmbeddedHead, submission_id: str) -> list[int]:
+    """Pids of the live Ray worker processes of a Ray job (the state API of the head's dashboard)."""
+    assert ray_head.info is not None
+    url, headers = ray_head.info.dashboard_url, {"Authorization": f"Bearer {ray_head.info.token}"}
+    job_id = httpx.get(f"{url}/api/jobs/{submission_id}", headers=headers, timeout=10).json()["job_id"]
+    params = {"detail": "true", "filter_keys": "job_id", "filter_predicates": "=", "filter_values": job_id}
+    answer = httpx.get(f"{url}/api/v0/actors", params=params, headers=headers, timeout=10).json()
+    assert answer.get("data"), answer
+    # Detached actors (Ray's own cluster-wide singletons, such as the autoscaling coordinator Ray Train
+    # starts on first use) belong to the cluster, not to the job.
+    actors = answer["data"]["result"]["result"]
+    return [a["pid"] for a in actors if a["state"] == "ALIVE" and a.get("pid") and not a.get("is_detached")]
 
 
 def stage2_epochs(client: Client, exp_id: str) -> list[int]:
@@ -101,3 +140,73 @@ def test_a_lost_head_fails_the_run_and_retry_resumes_on_the_new_one(
         resumed = after[len(done_before) :]
         assert resumed and resumed[0] > 1, after  # from the stored checkpoint, not epoch 1
         assert sorted(after) == list(range(1, epochs + 1)), after  # every epoch's metrics exactly once
+
+
+def test_cancel_stops_the_real_job_and_retry_resumes_it(
+    on_shared_head: ServiceProcess, ray_head: EmbeddedHead, tiny_synth: Path
+) -> None:
+    epochs = 12
+    with Client(on_shared_head.url, TOKEN) as client:
+        exp = client.submit(slow_stage2(str(tiny_synth), epochs))
+        wait_until(lambda: len(stage2_epochs(client, exp["id"])) >= 2, 300, "two epochs", 0.5)
+        pids = job_worker_pids(ray_head, exp["id"])
+        assert len(pids) >= 2  # the Ray Train worker and the trainer's controller of this job
+        client.cancel(exp["id"])
+        done = wait_until(lambda: (e := client.get(exp["id"]))["status"] == "cancelled" and e, 90, "cancelled", 0.5)
+        assert [t["to_status"] for t in done["transitions"]][-1] == "cancelled"
+        jobs = httpx.get(f"{ray_head.info.dashboard_url}/api/jobs/{exp['id']}", headers=ray_head_auth(ray_head))
+        assert jobs.json()["status"] == "STOPPED"
+        deadline = time.monotonic() + 60
+        while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = [(p, process_line(p)) for p in pids if pid_alive(p)]
+        assert not left, left
+        rows = stage2_epochs(client, exp["id"])
+        metrics_file = Path(done["run_dir"]) / "metrics.jsonl"
+        lines = metrics_file.read_text().count("\n")
+        time.sleep(3)
+        assert stage2_epochs(client, exp["id"]) == rows and metrics_file.read_text().count("\n") == lines
+
+        client.retry(exp["id"])
+        done = wait_until(
+            lambda: (e := client.get(exp["id"]))["status"] in ("succeeded", "failed") and e, 300, "the retry", 1.0
+        )
+        assert done["status"] == "succeeded", done["error"]
+        after = stage2_epochs(client, exp["id"])
+        assert after[len(rows)] == rows[-1] + 1, after  # the next epoch after the stored checkpoint
+        assert sorted(after) == list(range(1, epochs + 1)), after
+
+
+def test_the_service_killed_mid_run_and_restarted_finishes_the_run_once(
+    on_shared_head: ServiceProcess, tiny_synth: Path
+) -> None:
+    epochs = 10
+    with Client(on_shared_head.url, TOKEN) as client:
+        exp = client.submit(slow_stage2(str(tiny_synth), epochs))
+        wait_until(lambda: len(stage2_epochs(client, exp["id"])) >= 2, 300, "two epochs", 0.5)
+    on_shared_head.kill()  # SIGKILL: no shutdown runs; the job goes on on the cluster
+    time.sleep(3)
+    on_shared_head.start()
+    with Client(on_shared_head.url, TOKEN) as client:
+        done = wait_until(
+            lambda: (e := client.get(exp["id"]))["status"] in ("succeeded", "failed") and e, 300, "the run", 1.0
+        )
+        assert done["status"] == "succeeded", done["error"]
+        assert client.list()["total"] == 1
+        assert [t["to_status"] for t in done["transitions"]] == ["queued", "dispatching", "running", "succeeded"]
+        assert stage2_epochs(client, exp["id"]) == list(range(1, epochs + 1))  # every epoch's row exactly once
+        assert done["ray"]["submission_id"] == exp["id"]  # followed, never submitted again
+
+
+def ray_head_auth(ray_head: EmbeddedHead) -> dict[str, str]:
+    assert ray_head.info is not None
+    return {"Authorization": f"Bearer {ray_head.info.token}"}
+
+
+def process_line(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+    except OSError:
+        return "gone"
+    return f"{stat} {cmd}"
