@@ -118,8 +118,11 @@ def refine(image: torch.Tensor, probs: torch.Tensor, scribble: torch.Tensor, s1:
     return out
 
 
-def pseudo_label(probs: torch.Tensor, scribble: torch.Tensor) -> torch.Tensor:
-    """uint8 (H, W) pseudo-label: the argmax of probabilities (K, H, W); scribbled pixels keep their class."""
+def pseudo_label(probs: torch.Tensor, scribble: torch.Tensor, background_bias: float = 1.0) -> torch.Tensor:
+    """uint8 (H, W) pseudo-label: the argmax of probabilities (K, H, W), the background's multiplied by
+    `background_bias` first; scribbled pixels keep their class."""
+    if background_bias != 1.0:
+        probs = torch.cat([probs[:1] * background_bias, probs[1:]])
     label = probs.argmax(0).to(torch.uint8)
     scribbled = scribble != IGNORE
     label[scribbled] = scribble[scribbled].to(torch.uint8)
@@ -160,7 +163,7 @@ def generate_pseudo_labels(
             for i, sample_id in enumerate(batch["id"]):
                 scribble = batch["scribble"][i]
                 p = refine(batch["image"][i], probs[i], scribble, s1) if s1.refine == "random_walk" else probs[i]
-                label = pseudo_label(p, scribble)
+                label = pseudo_label(p, scribble, s1.background_bias)
                 write_label(out_dir / f"{sample_id}.png", label.numpy())
                 if has_gt:
                     quality.update(label, scribble, batch["gt"][i])

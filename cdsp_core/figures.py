@@ -213,7 +213,7 @@ def run_figures(
             probs = class_probs(net, x[None], present_classes(scrib, k)[None].to(device), s1)[0].float().cpu()
             if s1.refine == "random_walk":
                 probs = refine(x.cpu(), probs, scrib, s1)
-            pseudo = pseudo_label(probs, scrib).numpy()
+            pseudo = pseudo_label(probs, scrib, s1.background_bias).numpy()
         pred = blank
         if model is not None:
             net = unwrap(model).eval()

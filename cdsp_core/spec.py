@@ -94,6 +94,7 @@ class DataSpec(_Section):
         if v is not None and not Path(v).is_absolute() and ".." in Path(v).parts:
             raise ValueError(f"a relative pseudo-label folder must stay inside data.root (no '..'), got {v!r}")
         return v
+
     crop_size: int = Field(465, ge=8, le=MAX_CROP)
     """Square training crop; smaller images are padded with the mean colour and label 255."""
     scale_range: tuple[float, float] = (0.5, 2.0)
@@ -130,6 +131,11 @@ class Stage1Spec(_Section):
     class maps decide the regions no scribble reaches."""
     rw_connectivity: Literal[4, 8] = 8
     """Random walk: pixel neighbourhood of the graph."""
+    background_bias: float = Field(1.0, gt=0, le=100)
+    """`dense`: the background's probability is multiplied by this before the argmax that makes the
+    pseudo-label (after the random walk). Maps trained on scribbles see little background and lean to
+    the foreground around objects (labels too large: high recall, low precision); above 1 calls the
+    pixels they are unsure of background, as the CAM path's `cam_threshold` does."""
     rounds: int = Field(1, ge=1, le=10)
     """`dense`: self-training rounds. After the first, the classifier is fine-tuned for `round_epochs`
     on the previous round's pseudo-labels (partial cross-entropy on every labelled pixel) and the

@@ -132,3 +132,13 @@ def test_pseudo_label_pass_is_deterministic(tmp_path):
         outputs.append([(tmp_path / name / f"{i}.png").read_bytes() for i in ids])
         assert quality is not None
     assert outputs[0] == outputs[1]
+
+
+def test_background_bias_golden_values():
+    """The background's probability is scaled before the argmax; scribbled pixels keep their class."""
+    probs = torch.tensor([[[0.40, 0.30, 0.10]], [[0.60, 0.70, 0.90]]])  # (K=2, 1, 3)
+    unscribbled = torch.full((1, 3), 255, dtype=torch.uint8)
+    assert pseudo_label(probs, unscribbled).tolist() == [[1, 1, 1]]
+    assert pseudo_label(probs, unscribbled, background_bias=2.0).tolist() == [[0, 1, 1]]  # 0.8 > 0.6, 0.6 < 0.7
+    scribbled = torch.tensor([[1, 255, 255]], dtype=torch.uint8)
+    assert pseudo_label(probs, scribbled, background_bias=10.0).tolist() == [[1, 0, 0]]
