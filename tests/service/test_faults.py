@@ -210,3 +210,39 @@ def process_line(pid: int) -> str:
     except OSError:
         return "gone"
     return f"{stat} {cmd}"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stopping_cdsp_serve_stops_the_head_it_started(tmp_path: Path, sig: signal.Signals) -> None:
+    """SIGTERM (a service manager) or Ctrl-C of `cdsp serve`: its embedded Ray head goes with it."""
+    import shutil
+    import subprocess
+    import sys
+
+    from cdsp_core.ray_head import free_port
+
+    port, data = free_port(), tmp_path / "cdsp-data"
+    env = {**os.environ, "CDSP_DATA_DIR": str(data), "CDSP_API_TOKENS": TOKEN, "CDSP_RAY_NUM_CPUS": "1"}
+    for var in ("CDSP_RAY_ADDRESS", "CDSP_RAY_TOKEN", "RAY_ADDRESS", "CDSP_DATABASE_URL", "CDSP_STORAGE"):
+        env.pop(var, None)
+    cdsp = shutil.which("cdsp", path=str(Path(sys.executable).parent))
+    assert cdsp is not None
+    serve = subprocess.Popen([cdsp, "serve", "--port", str(port), "--log-level", "warning"], cwd=tmp_path, env=env)
+    try:
+        wait_until(lambda: (data / "ray-head.json").exists() and _healthy(port), 180, "cdsp serve to start", 0.5)
+        head = json.loads((data / "ray-head.json").read_text())
+        assert pid_alive(head["pid"])
+        serve.send_signal(sig)
+        assert serve.wait(timeout=90) is not None
+        wait_until(lambda: not pid_alive(head["pid"], group=True), 30, "the head's processes to exit", 0.5)
+        assert not (data / "ray-head.json").exists()  # a clean stop: nothing for the next start to adopt
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+
+
+def _healthy(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
