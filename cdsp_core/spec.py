@@ -45,6 +45,10 @@ class SpecError(ValueError):
         self.errors = errors
         super().__init__("; ".join(f"{path or '<spec>'}: {msg}" for path, msg in errors))
 
+    def __reduce__(self) -> tuple[type[SpecError], tuple[list[tuple[str, str]]]]:
+        # Rebuilt from its errors, not its message, when it travels between processes (Ray's trials).
+        return SpecError, (self.errors,)
+
 
 class _Section(BaseModel):
     # Non-finite floats (NaN, Infinity) are refused everywhere.

@@ -152,6 +152,15 @@ def test_the_published_schema_states_the_bounds():
     assert defs["ResourcesSpec"]["properties"]["cpus_per_worker"]["maximum"] == 512
 
 
+def test_spec_errors_survive_pickling():
+    """Ray ships a trial's exception to the driver by pickle: the error keeps its field paths."""
+    import pickle
+
+    error = SpecError([("stage2.lambda_s", "less than or equal to 100")])
+    again = pickle.loads(pickle.dumps(error))
+    assert again.errors == error.errors and str(again) == str(error)
+
+
 def test_assignment_is_validated_too():
     spec = ExperimentSpec()
     with pytest.raises(ValueError, match="deeplabv2"):
