@@ -103,13 +103,26 @@ def stage2_epochs(client: Client, exp_id: str) -> list[int]:
     return [r["epoch"] for r in rows]
 
 
+def running_for_two_epochs(client: Client, root: Path, epochs: int) -> dict[str, Any]:
+    """A submitted `slow_stage2` run once its first two epochs are recorded."""
+    exp = client.submit(slow_stage2(str(root), epochs))
+    wait_until(lambda: len(stage2_epochs(client, exp["id"])) >= 2, 300, "two epochs", 0.5)
+    return exp
+
+
+def ended(client: Client, exp_id: str, timeout: float = 300) -> dict[str, Any]:
+    found: dict[str, Any] = wait_until(
+        lambda: (e := client.get(exp_id))["status"] in ("succeeded", "failed") and e, timeout, f"{exp_id} to end", 1.0
+    )
+    return found
+
+
 def test_a_lost_head_fails_the_run_and_retry_resumes_on_the_new_one(
     embedded: ServiceProcess, tiny_synth: Path, tmp_path: Path
 ) -> None:
     epochs = 12
     with Client(embedded.url, TOKEN) as client:
-        exp = client.submit(slow_stage2(str(tiny_synth), epochs))
-        wait_until(lambda: len(stage2_epochs(client, exp["id"])) >= 2, 300, "two epochs before the loss", 1.0)
+        exp = running_for_two_epochs(client, tiny_synth, epochs)
         head = json.loads((tmp_path / "cdsp-data" / "ray-head.json").read_text())
         os.killpg(head["pid"], signal.SIGKILL)  # the head's machine is gone: GCS, raylet, workers, driver
         lost_at = time.monotonic()
@@ -132,9 +145,7 @@ def test_a_lost_head_fails_the_run_and_retry_resumes_on_the_new_one(
         ready = f"{embedded.url}/readyz"
         wait_until(lambda: httpx.get(ready, headers=AUTH, timeout=5).status_code == 200, 180, "a new head", 1.0)
         client.retry(exp["id"])
-        done = wait_until(
-            lambda: (e := client.get(exp["id"]))["status"] in ("succeeded", "failed") and e, 300, "the retry", 1.0
-        )
+        done = ended(client, exp["id"])
         assert done["status"] == "succeeded", done["error"]
         after = stage2_epochs(client, exp["id"])
         resumed = after[len(done_before) :]
@@ -147,8 +158,7 @@ def test_cancel_stops_the_real_job_and_retry_resumes_it(
 ) -> None:
     epochs = 12
     with Client(on_shared_head.url, TOKEN) as client:
-        exp = client.submit(slow_stage2(str(tiny_synth), epochs))
-        wait_until(lambda: len(stage2_epochs(client, exp["id"])) >= 2, 300, "two epochs", 0.5)
+        exp = running_for_two_epochs(client, tiny_synth, epochs)
         pids = job_worker_pids(ray_head, exp["id"])
         assert len(pids) >= 2  # the Ray Train worker and the trainer's controller of this job
         client.cancel(exp["id"])
@@ -168,9 +178,7 @@ def test_cancel_stops_the_real_job_and_retry_resumes_it(
         assert stage2_epochs(client, exp["id"]) == rows and metrics_file.read_text().count("\n") == lines
 
         client.retry(exp["id"])
-        done = wait_until(
-            lambda: (e := client.get(exp["id"]))["status"] in ("succeeded", "failed") and e, 300, "the retry", 1.0
-        )
+        done = ended(client, exp["id"])
         assert done["status"] == "succeeded", done["error"]
         after = stage2_epochs(client, exp["id"])
         assert after[len(rows)] == rows[-1] + 1, after  # the next epoch after the stored checkpoint
@@ -182,15 +190,12 @@ def test_the_service_killed_mid_run_and_restarted_finishes_the_run_once(
 ) -> None:
     epochs = 10
     with Client(on_shared_head.url, TOKEN) as client:
-        exp = client.submit(slow_stage2(str(tiny_synth), epochs))
-        wait_until(lambda: len(stage2_epochs(client, exp["id"])) >= 2, 300, "two epochs", 0.5)
+        exp = running_for_two_epochs(client, tiny_synth, epochs)
     on_shared_head.kill()  # SIGKILL: no shutdown runs; the job goes on on the cluster
     time.sleep(3)
     on_shared_head.start()
     with Client(on_shared_head.url, TOKEN) as client:
-        done = wait_until(
-            lambda: (e := client.get(exp["id"]))["status"] in ("succeeded", "failed") and e, 300, "the run", 1.0
-        )
+        done = ended(client, exp["id"])
         assert done["status"] == "succeeded", done["error"]
         assert client.list()["total"] == 1
         assert [t["to_status"] for t in done["transitions"]] == ["queued", "dispatching", "running", "succeeded"]
