@@ -110,7 +110,9 @@ class Client:
             if r.status_code >= 400:
                 r.read()
                 raise ApiError(r.status_code, _detail(r))
-            yield from r.iter_text()
+            for text in r.iter_text():
+                if text := text.replace("\0", ""):  # the server's keep-alives
+                    yield text
 
     def download_checkpoint(self, experiment_id: str, name: str, dest: Path) -> tuple[Path, str]:
         """Stream a checkpoint to `dest` (atomically) and check it against the server's SHA-256."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated
 
@@ -21,6 +22,7 @@ from service.schemas import CheckpointList, CheckpointOut, ErrorOut, FigureList,
 from service.states import FINAL
 
 router = APIRouter(prefix="/v1/experiments/{experiment_id}", tags=["artifacts"])
+KEEPALIVE = "\0"
 FileName = Annotated[str, Path(pattern=runfolder.SAFE_NAME.pattern, description="A file name from the listing.")]
 
 
@@ -98,8 +100,10 @@ async def _follow(ctx: AppContext, experiment_id: str, tail: int) -> AsyncIterat
 
     Polling works the same before the job starts, while Ray runs it and after its logs were
     archived (when the Ray head may be gone), and survives a retry (a new attempt, a new log).
+    After `log_keepalive` seconds without new text it sends KEEPALIVE, a NUL byte clients drop.
     """
     sent, sid, first = 0, None, True
+    quiet_since = time.monotonic()
     while True:
         exp = await asyncio.to_thread(_load, ctx, experiment_id)
         if exp.submission_id != sid:
@@ -113,9 +117,13 @@ async def _follow(ctx: AppContext, experiment_id: str, tail: int) -> AsyncIterat
             first, sent = False, len(text)
             if chunk:
                 yield chunk
+                quiet_since = time.monotonic()
             if exp.status in FINAL:
                 return
-        await asyncio.sleep(1.0)
+        if time.monotonic() - quiet_since >= ctx.settings.log_keepalive:
+            yield KEEPALIVE  # nothing new: keep clients with read timeouts (and proxies) from dropping the stream
+            quiet_since = time.monotonic()
+        await asyncio.sleep(min(1.0, ctx.settings.log_keepalive))
 
 
 def _load(ctx: AppContext, experiment_id: str) -> Experiment:

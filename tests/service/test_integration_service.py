@@ -158,14 +158,28 @@ def test_the_served_openapi_and_docs(service: ServiceProcess) -> None:
         assert client.http.get("/readyz").json()["ready"] is True
 
 
-def test_follow_logs_streams_while_the_job_runs(service: ServiceProcess) -> None:
-    with Client(service.url, TOKEN) as client:
-        exp = client.submit(small_spec("slow-follow", epochs=2))
-        chunks: list[tuple[str, str]] = []  # (text, experiment status when it arrived)
-        for chunk in client.follow_logs(exp["id"], tail=0):
-            chunks.append((chunk, client.get(exp["id"])["status"]))
-        final = client.get(exp["id"])
-        archived = runs.read_text(runs.join(final["run_dir"], "logs", f"{exp['id']}.log"))
-    assert final["status"] == "succeeded"
-    assert any("stage1 epoch 1/2" in text and status == "running" for text, status in chunks), chunks
-    assert "".join(text for text, _ in chunks) == archived  # every line once, in order
+def test_follow_logs_streams_while_the_job_runs(service_env: dict[str, str], tmp_path: Path) -> None:
+    """New lines as they come, every line once; while nothing new comes, keep-alives (a NUL byte every
+    CDSP_LOG_KEEPALIVE seconds) hold the stream open for a client with a read timeout, and the CLI's
+    client drops them."""
+    service = ServiceProcess({**service_env, "CDSP_LOG_KEEPALIVE": "0.5"}, tmp_path, tmp_path / "service.log")
+    service.start()
+    try:
+        with Client(service.url, TOKEN) as client:
+            exp = client.submit(small_spec("slow-follow", epochs=2))
+            chunks: list[tuple[str, str]] = []  # (text, experiment status when it arrived)
+            for chunk in client.follow_logs(exp["id"], tail=0):
+                chunks.append((chunk, client.get(exp["id"])["status"]))
+            final = client.get(exp["id"])
+            archived = runs.read_text(runs.join(final["run_dir"], "logs", f"{exp['id']}.log"))
+            assert final["status"] == "succeeded"
+            assert any("stage1 epoch 1/2" in text and status == "running" for text, status in chunks), chunks
+            assert "".join(text for text, _ in chunks) == archived  # every line once, in order, no NUL
+
+            quiet = client.submit(small_spec("slow-quiet", epochs=1))
+            params = {"tail": 0, "follow": "true"}
+            with client.http.stream("GET", f"/v1/experiments/{quiet['id']}/logs", params=params, timeout=5) as r:
+                raw = "".join(r.iter_text())  # reads time out after 5 s of silence: the keep-alives prevent it
+            assert "\0" in raw and raw.replace("\0", "")
+    finally:
+        service.stop()
