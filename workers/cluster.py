@@ -20,7 +20,10 @@ from typing import Any
 # Re-exported: the names drivers and tests of a local cluster use.
 from cdsp_core.ray_head import AUTH_MODE_ENV, AUTH_TOKEN_ENV, free_port, start_head, stop_head
 
-__all__ = ["AUTH_MODE_ENV", "AUTH_TOKEN_ENV", "Cluster", "connect", "env_vars", "free_port", "job_env", "local_cluster"]
+__all__ = [
+    "AUTH_MODE_ENV", "AUTH_TOKEN_ENV", "Cluster", "ResourcesUnavailable", "connect", "env_vars", "free_port", "job_env",
+    "local_cluster", "wait_for_resources",
+]  # fmt: skip
 
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for a job's driver
 _FORWARDED_PREFIXES = ("AWS_", "CDSP_S3_")
@@ -106,3 +109,40 @@ def _driver(address: str) -> Iterator[Any]:
         yield ctx
     finally:
         ray.shutdown()
+
+
+RESOURCE_WAIT_ENV = "CDSP_RESOURCE_WAIT"
+DEFAULT_RESOURCE_WAIT = 300.0
+"""Seconds a run waits for a cluster (an autoscaling one may grow) to offer what its workers need."""
+
+
+class ResourcesUnavailable(RuntimeError):
+    """The cluster cannot give a run's workers what they ask for, and did not grow to within the wait."""
+
+
+def wait_for_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool, wait: float | None = None) -> None:
+    """Return once some nodes of the connected cluster can hold every worker (`cpus_per_worker` CPUs and,
+    with `use_gpu`, one GPU each, on one node); raise ResourcesUnavailable naming what is missing after
+    `wait` seconds (CDSP_RESOURCE_WAIT, default 300) instead of letting the run wait forever."""
+    import time
+
+    import ray
+
+    wait = float(os.environ.get(RESOURCE_WAIT_ENV, DEFAULT_RESOURCE_WAIT)) if wait is None else wait
+    deadline = time.monotonic() + wait
+    while True:
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        fits = sum(
+            int(min(r.get("CPU", 0) // cpus_per_worker, r.get("GPU", 0) if use_gpu else float("inf"))) for r in nodes
+        )
+        if fits >= num_workers:
+            return
+        if time.monotonic() > deadline:
+            cpus, gpus = sum(r.get("CPU", 0) for r in nodes), sum(r.get("GPU", 0) for r in nodes)
+            per = f"{cpus_per_worker:g} CPU{' and 1 GPU' if use_gpu else ''}"
+            raise ResourcesUnavailable(
+                f"resources: {num_workers} worker(s) of {per} each (resources.num_workers, cpus_per_worker, "
+                f"use_gpu) do not fit the cluster's {len(nodes)} node(s), {cpus:g} CPUs and {gpus:g} GPUs in all; "
+                f"waited {wait:g} s for it to grow ({RESOURCE_WAIT_ENV})"
+            )
+        time.sleep(min(5.0, max(0.1, wait / 10)))

@@ -79,13 +79,15 @@ def execute(spec: ExperimentSpec, out: str, address: str | None, num_cpus: int |
         print(f"{out} already holds the finished run", flush=True)
         return done
     check_dataset(spec)  # dataset problems are reported before a cluster is started
-    from workers.cluster import connect
+    from workers.cluster import connect, wait_for_resources
 
     with stop_on_sigterm(), connect(address, num_cpus=num_cpus) as cluster:
         where = "a local Ray cluster" if cluster.started else "Ray"
         print(f"running {spec.kind} {spec.name!r} on {where} at {cluster.address}", flush=True)
         if cluster.dashboard_url:
             print(f"Ray dashboard: {cluster.dashboard_url}", flush=True)
+        res = spec.resources
+        wait_for_resources(res.num_workers, res.cpus_per_worker, res.use_gpu)
         if spec.kind == "search":
             from workers.search import run_search
 

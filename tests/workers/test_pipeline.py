@@ -124,3 +124,25 @@ def test_ray_job_failure_ends_with_one_error_line(ray_cluster: Any, tiny_synth: 
     assert last_line(logs) == (
         "error: training failed: FileNotFoundError: pretrained weights /nonexistent/weights.pt: no such file"
     )
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_resources_the_cluster_cannot_offer_fail_after_a_bounded_wait(
+    ray_cluster: Any, tiny_synth: Path, tmp_path: Path
+) -> None:
+    """GPUs asked of a CPU-only cluster, or more CPUs per worker than any node has: one `error:` line naming
+    the resources after CDSP_RESOURCE_WAIT, instead of a run that waits for ever."""
+    for overrides, missing in (({"resources__use_gpu": True}, "1 GPU"), ({"resources__cpus_per_worker": 64}, "64 CPU")):
+        path = tmp_path / "spec.yaml"
+        path.write_text(tiny_spec(tiny_synth, **overrides).to_yaml())
+        start = time.perf_counter()
+        proc = run_entrypoint(
+            ["--spec", str(path), "--out", str(tmp_path / "run"), "--address", ray_cluster.address],
+            timeout=100, env={"CDSP_RESOURCE_WAIT": "2"},
+        )  # fmt: skip
+        assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+        line = last_line(proc.stdout)
+        assert line.startswith("error: resources: 2 worker(s) of ") and missing in line, line
+        assert "waited 2 s" in line and time.perf_counter() - start < 60
