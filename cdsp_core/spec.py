@@ -83,7 +83,7 @@ class DataSpec(_Section):
     variant_seed: int = Field(0, ge=0, le=MAX_SEED)
     """Seed of the drop variant (with the image id); variants are cached per (ratio, seed)."""
 
-    @field_validator("image_dir", "scribble_dir", "gt_dir", "train_list", "val_list", "distance_map_dir")
+    @field_validator("image_dir", "scribble_dir", "gt_dir", "train_list", "val_list")
     @classmethod
     def _inside_root(cls, v: str | None) -> str | None:
         """The dataset's own folders and lists stay inside `root`: relative, no `..` (a list outside the
@@ -92,11 +92,13 @@ class DataSpec(_Section):
             raise ValueError(f"must be a path inside data.root: relative and without '..', got {v!r}")
         return v
 
-    @field_validator("pseudo_label_dir")
+    @field_validator("pseudo_label_dir", "distance_map_dir")
     @classmethod
     def _no_parent(cls, v: str | None) -> str | None:
+        """Folders our tools write (pseudo-labels, distance maps) may live elsewhere, given absolute;
+        a relative one stays inside `root`."""
         if v is not None and not Path(v).is_absolute() and ".." in Path(v).parts:
-            raise ValueError(f"a relative pseudo-label folder must stay inside data.root (no '..'), got {v!r}")
+            raise ValueError(f"a relative folder must stay inside data.root (no '..'), got {v!r}")
         return v
 
     crop_size: int = Field(465, ge=8, le=MAX_CROP)

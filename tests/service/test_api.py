@@ -263,6 +263,13 @@ def test_absurdly_long_experiments_are_rejected_with_the_field(client: TestClien
     r = client.post("/v1/experiments", json={"spec": spec})
     assert r.status_code == 422
     assert r.json()["detail"][0]["field"] == "stage1.epochs"
+    assert "less than or equal to 10000" in r.json()["detail"][0]["msg"]  # the spec's bound (MAX_EPOCHS)
+    search = small_spec("many", kind="search")  # every value within its bound, too many epochs together
+    search["search"]["num_samples"] = 10_000
+    search["stage2"]["epochs"] = 1_000
+    r = client.post("/v1/experiments", json={"spec": search})
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["field"] == "search.space"
     assert "at most 1000000" in r.json()["detail"][0]["msg"]
 
 
