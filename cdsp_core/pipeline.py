@@ -82,11 +82,14 @@ def finished_pseudo_labels(run: str) -> tuple[Path, dict[str, Any]] | None:
 def publish_pseudo_labels(run: str, local: Path, row: dict[str, Any]) -> None:
     """Rank 0, after every rank wrote its share: record quality and timing, mark complete, mirror if remote."""
     append_metrics(run, {"stage": "pseudo_labels", **row, "time": time.time()})
-    if runs.is_remote(run):  # the labels first: the marker promises that they are all there
-        runs.upload(local, runs.join(run, runs.PSEUDO_LABELS))
-    (local / COMPLETE).write_text("ok\n")
-    if runs.is_remote(run):
-        runs.upload(local / COMPLETE, runs.join(run, runs.PSEUDO_LABELS, COMPLETE))
+    if not runs.is_remote(run):
+        (local / COMPLETE).write_text("ok\n")
+        return
+    # The labels first: the marker promises that they are all there. This node's cache may hold only
+    # its own ranks' shares (ranks on other nodes uploaded theirs), so it is not marked complete here:
+    # a cache becomes complete only by a whole fetch (`finished_pseudo_labels`).
+    runs.upload(local, runs.join(run, runs.PSEUDO_LABELS))
+    runs.write_text(runs.join(run, runs.PSEUDO_LABELS, COMPLETE), "ok\n")
 
 
 def fetch_atomically(location: str, local: Path) -> None:

@@ -113,14 +113,18 @@ def start_head(
     log_path: Path | None = None,
     cwd: Path | None = None,
     stop_with_parent: bool = True,
+    node_ip: str = "127.0.0.1",
     timeout: float = 120.0,
 ) -> tuple[Head, subprocess.Popen[bytes]]:
-    """Start a single-node Ray head on 127.0.0.1 and wait until it (and its dashboard's Jobs API) answers.
+    """Start a Ray head on `node_ip` (default loopback: a one-node cluster) and wait until it (and its
+    dashboard's Jobs API) answers.
 
     Every port is a free one chosen here; token auth unless `RAY_AUTH_MODE=disabled` (the token from
     `RAY_AUTH_TOKEN`, else a fresh one). The head runs in its own session and process group, logging
     to `log_path` (appended; default: its temp folder). With `stop_with_parent` it is also stopped
     when this process dies, even by SIGKILL; the service turns that off to adopt its head after a crash.
+    Worker nodes can join a head started on an address they reach (`node_ip`); the dashboard stays
+    on loopback.
     """
     # A short folder: Ray puts unix sockets under it, whose paths are limited to ~107 characters.
     temp = tempfile.mkdtemp(prefix="cdsp-ray-", dir="/tmp")
@@ -133,7 +137,7 @@ def start_head(
     lo, hi = free_port_range()
     cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--disable-usage-stats"]
     cmd += [f"--{k}={v}" for k, v in ports.items()]
-    cmd += ["--node-ip-address=127.0.0.1", f"--min-worker-port={lo}", f"--max-worker-port={hi}"]
+    cmd += [f"--node-ip-address={node_ip}", f"--min-worker-port={lo}", f"--max-worker-port={hi}"]
     cmd += [f"--temp-dir={temp}", f"--include-dashboard={str(dashboard).lower()}"]
     if dashboard_port is not None:
         cmd += ["--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
@@ -147,7 +151,7 @@ def start_head(
             start_new_session=True, preexec_fn=_terminate_with_parent() if stop_with_parent else None,
         )  # fmt: skip
     url = f"http://127.0.0.1:{dashboard_port}" if dashboard_port else None
-    head = Head(proc.pid, f"127.0.0.1:{ports['port']}", url, auth.get(AUTH_TOKEN_ENV), temp)
+    head = Head(proc.pid, f"{node_ip}:{ports['port']}", url, auth.get(AUTH_TOKEN_ENV), temp)
     try:
         _wait_started(head, proc, log_path, offset, timeout)
     except BaseException:

@@ -307,6 +307,11 @@ class ResourcesSpec(_Section):
     """CPUs reserved per worker (data loading happens inside the worker)."""
     max_failures: int = Field(0, ge=-1, le=1000)
     """Worker-group restarts from the latest checkpoint before the run fails (-1 = unlimited)."""
+    placement: Literal["pack", "spread", "strict_pack", "strict_spread"] = "pack"
+    """How the workers are placed on the cluster's nodes (Ray's placement-group strategies): `pack` fills
+    a node first, `spread` puts them on different nodes when it can (one worker per node: a lost node
+    takes one rank, and the group restarts on what is left), the `strict_` forms refuse to start
+    otherwise."""
 
 
 class Domain(_Section):

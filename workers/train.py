@@ -171,9 +171,13 @@ def share_labels(spec: ExperimentSpec, runner: Runner, run: str, local: Path) ->
 
 
 def gather_labels(spec: ExperimentSpec, runner: Runner, run: str, local: Path) -> None:
-    """The Runner's `gather_labels` on Ray. Rank 0 publishes its node's folder (uploading it when the run
-    folder is on object storage): ranks on other nodes upload their own share to the run first."""
-    if runs.is_remote(run) and ray.train.get_context().get_node_rank() > 0:
+    """The Runner's `gather_labels` on Ray. Rank 0 then publishes its own folder (uploading it when the run
+    folder is on object storage), so on object storage every other rank uploads its share first.
+
+    Not only the ranks of other nodes: which ranks share rank 0's folder is a property of their file
+    systems, not of Ray's node ids (two nodes on one machine report one address and may share a
+    node rank). The shares of rank 0's machine are uploaded twice; a missing label would be worse."""
+    if runs.is_remote(run) and runner.rank > 0:
         upload_share(spec, runner, local, runs.join(run, runs.PSEUDO_LABELS))
     _barrier(runner)
 
@@ -213,7 +217,12 @@ def make_trainer(
         partial(stage_worker, fn),  # rank 0's return value becomes Result.return_value
         train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu, resources_per_worker=per_worker),
+        scaling_config=ScalingConfig(
+            num_workers=res.num_workers,
+            use_gpu=res.use_gpu,
+            resources_per_worker=per_worker,
+            placement_strategy=res.placement.upper(),
+        ),
         run_config=RunConfig(
             name=fn.__name__,
             storage_path=storage_path,

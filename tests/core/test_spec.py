@@ -31,7 +31,7 @@ DESIGN_KEYS = [
     *(f"stage2.loss_weights.{t}" for t in ("segs", "segc", "ds", "dc", "lorm")),
     "stage2.lorm_mask", "stage2.amp",
     "resources.num_workers", "resources.use_gpu", "resources.cpus_per_worker", "resources.max_failures",
-    "seed", "kind", "name",
+    "resources.placement", "seed", "kind", "name",
 ]  # fmt: skip
 
 SEARCH = {"kind": "search", "search": {"space": {"stage2.lambda_s": {"grid": [0, 1, 2]}}}}
@@ -106,6 +106,7 @@ def test_literal_choices_are_rejected_with_the_valid_choices(data, path, choices
         ({"stage1": {"cam_scales": [1.0, -0.5]}}, "stage1.cam_scales.1"),
         ({"name": "has space"}, "name"),
         ({"resources": {"num_workers": 0}}, "resources.num_workers"),
+        ({"resources": {"placement": "scatter"}}, "resources.placement"),
     ],
 )
 def test_out_of_range_values_name_their_field(data, path):
