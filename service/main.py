@@ -93,4 +93,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(system.public)
     for router in (system.router, experiments.router, artifacts.router):
         app.include_router(router, dependencies=[Depends(require_token)], responses=UNAUTHORIZED)
+    build_openapi = app.openapi  # FastAPI's, which caches its result in app.openapi_schema
+
+    def openapi_with_links() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = experiments.add_links(build_openapi())
+        return app.openapi_schema
+
+    app.openapi = openapi_with_links  # type: ignore[method-assign]
     return app

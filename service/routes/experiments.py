@@ -230,3 +230,19 @@ def retry_experiment(experiment_id: ExperimentId, ctx: CtxDep, session: WriteSes
         ctx.loop.wake()
     session.expire_all()
     return views.detail(store.get(session, experiment_id), store.transitions(session, experiment_id), ctx)
+
+
+def add_links(schema: dict[str, Any]) -> dict[str, Any]:
+    """OpenAPI links (in place) from every answer that describes one experiment (create, cancel, retry)
+    to each operation on it, `experiment_id` taken from the answer's `id`: generated clients and
+    stateful API tests (schemathesis) follow them from a created experiment to its other operations."""
+    paths = schema.get("paths", {})
+    one = f"{router.prefix}/{{experiment_id}}"
+    targets = sorted(op["operationId"] for path, ops in paths.items() if path.startswith(one) for op in ops.values())
+    links = {t: {"operationId": t, "parameters": {"experiment_id": "$response.body#/id"}} for t in targets}
+    producers = [paths.get(path, {}).get("post") for path in (router.prefix, f"{one}/cancel", f"{one}/retry")]
+    for op in filter(None, producers):
+        for code, answer in op["responses"].items():
+            if code in ("200", "201", "202"):
+                answer["links"] = links
+    return schema

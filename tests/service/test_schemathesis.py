@@ -85,3 +85,33 @@ def test_no_server_errors_and_answers_match_the_schema(api_schema: Any, mode: Ge
         except Unsatisfiable:  # negative mode, an operation without inputs (GET /healthz): nothing to break
             assert mode is GenerationMode.NEGATIVE
     assert fuzzed >= (len(operations) if mode is GenerationMode.POSITIVE else 8)
+
+
+def test_stateful_sequences_over_the_schema_links(api_server: ServiceProcess) -> None:
+    """Call sequences that follow the published links (create -> get / cancel / retry / logs / ...
+    -> cancel -> retry ...) with ids of experiments made in the sequence: no 5xx, answers as
+    documented, and the chains really reach the state changes (not only 404s for made-up ids).
+    Valid data (the stateless test above sends the invalid), so that the chains get going."""
+    schema = schemathesis.openapi.from_url(f"{api_server.url}/openapi.json", headers=AUTH, timeout=10)
+    schema.config.generation.update(modes=[GenerationMode.POSITIVE])
+    seen: set[tuple[str, str, int]] = set()
+
+    class Machine(schema.as_state_machine()):  # type: ignore[misc]
+        def get_call_kwargs(self, case: Any) -> dict[str, Any]:
+            return {"headers": AUTH, "timeout": 15}
+
+        def after_call(self, response: Any, case: Any) -> None:
+            seen.add((case.method.upper(), case.path, response.status_code))
+
+        def validate_response(self, response: Any, case: Any, additional_checks: Any = None, **kwargs: Any) -> None:
+            case.validate_response(response, checks=CHECKS, transport_kwargs=kwargs)
+
+    Machine.run(
+        settings=settings(max_examples=40, stateful_step_count=6, deadline=None, derandomize=True, database=None,
+                          suppress_health_check=list(HealthCheck))
+    )  # fmt: skip
+    one = "/v1/experiments/{experiment_id}"
+    assert ("POST", "/v1/experiments", 201) in seen
+    for reached in [("GET", one, 200), ("POST", f"{one}/cancel", 200), ("POST", f"{one}/retry", 200)]:
+        assert reached in seen, "\n".join(map(str, sorted(seen)))
+    assert any(path.startswith(one) and code == 409 for _, path, code in seen)  # an illegal transition answered
