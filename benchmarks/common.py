@@ -16,7 +16,9 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+# Where results are written: `CDSP_BENCH_RESULTS` sends a run elsewhere (the GPU check's dry run, so
+# that it never overwrites the committed figures).
+RESULTS = Path(os.environ.get("CDSP_BENCH_RESULTS") or ROOT / "benchmarks" / "results")
 
 
 def device_name(device: torch.device) -> str:

@@ -45,7 +45,12 @@ def explicit_rectify(
 class ExplicitLoRM(LoRM):
     """`LoRM` with the same parameters (so state dicts are interchangeable), computed explicitly."""
 
-    def forward(self, features: torch.Tensor, fg_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, features: torch.Tensor, fg_mask: torch.Tensor, classes: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # The official formulation only (query mask, temperature 1): `classes` is for other masks.
+        if self.mask_on != "query" or self.temperature != 1.0:
+            raise ValueError("the explicit LoRM reproduces the official form only (query mask, temperature 1)")
         return explicit_rectify(features, self.query_conv(features), self.key_conv(features), fg_mask, self.delta)
 
 

@@ -14,6 +14,7 @@ ALLOWED_SKIPS = {
     # reason prefix -> why skipping is right there
     "no Docker Compose v2 client": "no Docker engine on these machines: the compose file is checked statically",
     "reads /proc": "process-tree checks of local Ray clusters need Linux's /proc",
+    "no CUDA device": "tests/cuda need a GPU; scripts/gpu-check.sh runs them where there is one",
     "PostgreSQL skipped on request": "CDSP_TEST_SKIP_POSTGRES=1 set by a developer without PostgreSQL (never in CI)",
 }
 

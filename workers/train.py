@@ -188,6 +188,9 @@ def stage_worker(fn: StageFn, config: dict[str, Any]) -> dict[str, Any]:
     runner = ray_runner(spec, run)
     runner.share_labels = partial(share_labels, spec, runner, run)
     runner.gather_labels = partial(gather_labels, spec, runner, run)
+    if runner.is_main:  # what the group runs on, once in the job log
+        group = dist.get_backend() if dist.is_initialized() else "none (one worker)"
+        _log(f"{fn.__name__}: process group {group} on {runner.device}")
     return fn(spec, run, runner, **config["kwargs"])
 
 

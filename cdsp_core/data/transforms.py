@@ -4,12 +4,19 @@ Image and label maps are transformed together: `tv_tensors.Mask` inputs get near
 resampling and fill 255, the image bilinear resampling and the mean colour. A `pad` mask
 (0 = real pixel, 255 = fill) travels along so that distance maps can be zeroed where the
 crop or the rotation made up pixels: padding carries no supervision.
+
+The rotation and the blur run on OpenCV: they act on the whole rescaled image (up to 2x the crop,
+~930 px for VOC) before the crop, where torchvision's versions (an affine grid through `bmm`
+and `grid_sample`; a dense 5x5 `conv2d` in float) took ~70 % of a sample's time on one core
+(benchmarks/loader.py has the profile).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import cv2
+import numpy as np
 import torch
 import torchvision.transforms.v2 as v2
 import torchvision.transforms.v2.functional as TF
@@ -36,6 +43,55 @@ class RandomScale(v2.Transform):
         return TF.resize(inpt, params["size"], antialias=True)
 
 
+class RandomRotation(v2.Transform):
+    """Rotate about the image centre by an angle drawn uniformly from [-degrees, degrees] (counter-
+    clockwise positive, the size kept): the image bilinear with the mean colour where it is made up,
+    masks nearest with 255."""
+
+    def __init__(self, degrees: float):
+        super().__init__()
+        self.degrees = degrees
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        h, w = v2.query_size(flat_inputs)
+        angle = float(torch.empty(()).uniform_(-self.degrees, self.degrees))
+        return {"matrix": cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), angle, 1.0), "size": (w, h)}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if isinstance(inpt, tv_tensors.Mask):
+            out = cv2.warpAffine(inpt.numpy(), params["matrix"], params["size"], flags=cv2.INTER_NEAREST,
+                                 borderMode=cv2.BORDER_CONSTANT, borderValue=255)  # fmt: skip
+            return tv_tensors.wrap(torch.from_numpy(out), like=inpt)
+        if isinstance(inpt, tv_tensors.Image):
+            out = cv2.warpAffine(_hwc(inpt), params["matrix"], params["size"], flags=cv2.INTER_LINEAR,
+                                 borderMode=cv2.BORDER_CONSTANT, borderValue=MEAN_RGB)  # fmt: skip
+            return tv_tensors.wrap(torch.from_numpy(out).permute(2, 0, 1).contiguous(), like=inpt)
+        return inpt
+
+
+class GaussianBlur(v2.Transform):
+    """Blur the image (not the masks) with a `kernel` x `kernel` Gaussian of a sigma drawn uniformly
+    from `sigma`, edges reflected (torchvision's `GaussianBlur` defaults)."""
+
+    def __init__(self, kernel: int = 5, sigma: tuple[float, float] = (0.1, 2.0)):
+        super().__init__()
+        self.kernel, self.sigma = kernel, sigma
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        return {"sigma": float(torch.empty(()).uniform_(*self.sigma))}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not isinstance(inpt, tv_tensors.Image):
+            return inpt
+        k, s = self.kernel, params["sigma"]
+        out = cv2.GaussianBlur(_hwc(inpt), (k, k), sigmaX=s, sigmaY=s, borderType=cv2.BORDER_REFLECT_101)
+        return tv_tensors.wrap(torch.from_numpy(out).permute(2, 0, 1).contiguous(), like=inpt)
+
+
+def _hwc(image: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(image.numpy().transpose(1, 2, 0))
+
+
 def train_transforms(crop_size: int, scale_range: tuple[float, float] = (0.5, 2.0), augment: bool = True) -> v2.Compose:
     """Random scale, rotation +-10 deg (p 0.5), 5x5 Gaussian blur (p 0.5), h-flip, random crop."""
     fill = {tv_tensors.Image: MEAN_RGB, tv_tensors.Mask: 255}
@@ -43,11 +99,8 @@ def train_transforms(crop_size: int, scale_range: tuple[float, float] = (0.5, 2.
     if augment:
         ops += [
             RandomScale(*scale_range),
-            v2.RandomApply(
-                [v2.RandomRotation(10, interpolation=v2.InterpolationMode.BILINEAR, fill=fill)],
-                p=0.5,
-            ),
-            v2.RandomApply([v2.GaussianBlur(5)], p=0.5),
+            v2.RandomApply([RandomRotation(10)], p=0.5),
+            v2.RandomApply([GaussianBlur(5)], p=0.5),
             v2.RandomHorizontalFlip(),
         ]
     ops.append(v2.RandomCrop(crop_size, pad_if_needed=True, fill=fill))

@@ -47,9 +47,12 @@ def rectify(
             raise ValueError(f"mask_on='class' needs classes of shape (B, h, w) = {(b, h, w)}")
         ids = classes.reshape(b, 1, h * w)
         attn_mask = (ids.transpose(1, 2) == ids).unsqueeze(1)  # (B, 1, hw, hw): never empty, i == i
-    q = F.normalize(query.flatten(2).transpose(1, 2), dim=-1)  # (B, hw, C), unit rows
-    k = F.normalize(key.flatten(2).transpose(1, 2), dim=-1)  # (B, hw, C)
-    v = features.flatten(2).transpose(1, 2)  # (B, hw, C)
+    # (B, hw, C) with unit rows, each row contiguous: the fused kernels refuse a last dimension of
+    # stride != 1 (NCHW input) and fall back to the math kernel, which builds the (hw x hw) matrix.
+    # From channels_last input (the engine's) these are views; from NCHW, one copy of the features.
+    q = F.normalize(query.flatten(2).transpose(1, 2), dim=-1).contiguous()
+    k = F.normalize(key.flatten(2).transpose(1, 2), dim=-1).contiguous()
+    v = features.flatten(2).transpose(1, 2).contiguous()
     m = fg_mask.reshape(b, h * w, 1).to(v.dtype)  # (B, hw, 1)
     if mask_on == "key":
         # A'_ij = M_j A_ij, so sum_j A'_ij F_j = sum_j A_ij (M_j F_j).

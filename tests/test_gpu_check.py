@@ -1,0 +1,35 @@
+"""scripts/gpu-check.sh --dry-run: the prepared GPU check runs end to end on CPU (so that it cannot rot
+between the rare sessions with a GPU), says that the CUDA parts were skipped and why, and writes
+its results to $OUT, never over the committed figures."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_gpu_check_dry_run_completes_on_cpu(tmp_path: Path) -> None:
+    committed = {p.name: p.stat().st_mtime for p in (REPO / "benchmarks/results").glob("*")}
+    env = {**os.environ, "OUT": str(tmp_path)}
+    env.pop("CDSP_BENCH_RESULTS", None)
+    proc = subprocess.run(
+        ["bash", "scripts/gpu-check.sh", "--dry-run"], cwd=REPO, env=env, capture_output=True, text=True, timeout=580
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    summary = (tmp_path / "results" / "gpu-check-none-dry-run.md").read_text()
+    rows = {line.split(" | ")[0].strip("| "): line for line in summary.splitlines() if line.startswith("| ")}
+    for part in ("cuda-tests", "train-step", "lorm", "loader", "pipeline"):
+        assert " | ok | " in rows[part], rows.get(part)
+    assert "no CUDA device" in proc.stdout  # the skip reason is shown
+    assert "skipped" in rows["cuda-tests"]
+    for name in ("train_step-cpu.md", "lorm-cpu.md", "loader-cpu.md", "gpu-check-pipeline-result.json"):
+        assert (tmp_path / "results" / name).is_file(), name
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("| pipeline | ok")  # the summary table comes last
+    assert {p.name: p.stat().st_mtime for p in (REPO / "benchmarks/results").glob("*")} == committed
