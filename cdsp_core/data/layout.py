@@ -153,7 +153,11 @@ def require_layout(data: DataSpec) -> None:
 def check_dataset(spec: ExperimentSpec) -> None:
     """What a launcher checks before it starts anything: `require_layout`, and a training split that
     fills a batch on every worker in each stage that runs (the engine's `make_train_loader` rule).
-    Raises DatasetError naming the problem."""
+    Raises DatasetError naming the problem. A spec that passed is not checked again by this process
+    (the Ray driver checks before it starts a cluster, the stage plan again before the stages)."""
+    key = "spec:" + spec.model_dump_json(include={"kind", "data", "stage1", "stage2", "resources"})
+    if key in _CHECKED:
+        return
     require_layout(spec.data)
     workers = spec.resources.num_workers
     n = len(read_ids(Layout.from_spec(spec.data).train_list))
@@ -166,3 +170,4 @@ def check_dataset(spec: ExperimentSpec) -> None:
                 f"dataset problems: {stage}: the training split has {n} images, too few for batch size {batch} "
                 f"over {workers} worker(s)"
             )
+    _CHECKED.add(key)
