@@ -15,7 +15,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI
 
-from service import db, errors
+from service import db, errors, ui
 from service.auth import require_token
 from service.context import AppContext
 from service.control import ControlLoop
@@ -91,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(LatencyMiddleware, histogram=latency)  # added last: outermost, so 413s are timed too
     errors.install(app)
     app.include_router(system.public)
+    app.include_router(ui.router)  # the web page: its own auth (header or sign-in cookie), see service.ui
     for router in (system.router, experiments.router, artifacts.router):
         app.include_router(router, dependencies=[Depends(require_token)], responses=UNAUTHORIZED)
     build_openapi = app.openapi  # FastAPI's, which caches its result in app.openapi_schema

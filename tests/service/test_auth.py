@@ -36,7 +36,7 @@ def test_every_route_but_healthz_needs_a_token(make_settings: Callable[..., Sett
                 path = _concrete(route.path)
                 for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}):
                     r = client.request(method, path, headers=headers)
-                    if route.path in PUBLIC:
+                    if route.path in PUBLIC or (method, route.path) == ("GET", "/ui/login"):  # the way in
                         assert r.status_code == 200, path
                     else:
                         assert r.status_code == 401, f"{method} {path} answered {r.status_code} with {headers}"
@@ -47,6 +47,9 @@ def test_every_route_but_healthz_needs_a_token(make_settings: Callable[..., Sett
     # the walk saw the API, the docs and the ops routes, not just a few
     assert {"POST /v1/experiments", "GET /docs", "GET /openapi.json", "GET /metrics", "GET /readyz"} <= set(checked)
     assert len(checked) >= 17
+    ui = {c for c in checked if " /ui/" in c}  # the web page's routes are walked too
+    assert {"GET /ui/", "GET /ui/experiments/{experiment_id}", "POST /ui/experiments/{experiment_id}/cancel",
+            "GET /ui/compare", "POST /ui/login"} <= ui  # fmt: skip
 
 
 def test_token_comparison() -> None:
