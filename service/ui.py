@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import hmac
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qs, quote
@@ -40,6 +41,7 @@ COOKIE = "cdsp_token"
 REFRESH_S = 5
 LOG_LINES = 80
 TERMS = ("segs", "segc", "ds", "dc", "lorm")
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # Ray colours its log prefixes for terminals
 templates = Environment(
     loader=FileSystemLoader(Path(__file__).parent / "templates"),
     autoescape=select_autoescape(default=True, default_for_string=True),
@@ -241,7 +243,7 @@ def experiment_page(experiment_id: ExperimentId, request: Request, ctx: CtxDep, 
     rows = [r.data for r in store.metric_rows(session, experiment_id)]
     log = ""
     with contextlib.suppress(Exception):  # the page shows without its log when Ray does not answer
-        log = artifacts._tail(artifacts._read_logs(ctx, exp), LOG_LINES)
+        log = ANSI.sub("", artifacts._tail(artifacts._read_logs(ctx, exp), LOG_LINES))
     sid = exp.submission_id
     final = (exp.result or {}).get("checkpoint")
     return _render(

@@ -15,6 +15,7 @@ ALLOWED_SKIPS = {
     "no Docker Compose v2 client": "no Docker engine on these machines: the compose file is checked statically",
     "reads /proc": "process-tree checks of local Ray clusters need Linux's /proc",
     "no CUDA device": "tests/cuda need a GPU; scripts/gpu-check.sh runs them where there is one",
+    "browser test skipped on request": "CDSP_TEST_SKIP_BROWSER=1 set by a developer without Chromium (never in CI)",
     "PostgreSQL skipped on request": "CDSP_TEST_SKIP_POSTGRES=1 set by a developer without PostgreSQL (never in CI)",
 }
 
