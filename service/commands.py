@@ -15,7 +15,8 @@ from typing import Annotated, Any, TypeVar
 import httpx
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Column, Table
 
 from service.client import ApiError, Client
@@ -63,15 +64,16 @@ def wait_for(client: Client, experiment_id: str, poll: float = 1.0, timeout: flo
     """Follow an experiment until it is final, with a progress bar (a line per change when not a terminal)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"))
-    with Progress(*columns, TimeElapsedColumn(), console=err, disable=not err.is_terminal) as bar:
+    timing = (TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+    with Progress(*columns, *timing, console=err, disable=not err.is_terminal) as bar:
         task = bar.add_task(experiment_id, total=1.0)
         last = ""
         while True:
             exp = client.get(experiment_id)
             line = describe(exp)
-            bar.update(task, completed=exp["progress"]["fraction"], description=line)
+            bar.update(task, completed=exp["progress"]["fraction"], description=escape(line))
             if not err.is_terminal and line != last:  # logs and CI: one plain line per change
-                err.print(line, highlight=False, soft_wrap=True)
+                err.print(line, highlight=False, soft_wrap=True, markup=False)
             last = line
             if exp["status"] in FINAL:
                 return exp
@@ -139,11 +141,14 @@ def list_(
 
 @client_app.command("status")
 @handles_errors
-def status_(experiment_id: IdArg) -> None:
-    """One experiment: state, progress, metrics, result, Ray job, error."""
+def status_(
+    experiment_id: IdArg,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Follow it live until it ends.")] = False,
+) -> None:
+    """One experiment: state, progress, metrics, result, Ray job, error (-f: a live display until it ends)."""
     with Client() as client:
-        exp = client.get(experiment_id)
-    console.print(describe(exp))
+        exp = wait_for(client, experiment_id) if follow else client.get(experiment_id)
+    console.print(describe(exp), markup=False)  # "[succeeded]" is text, not rich markup
     for t in exp["transitions"]:
         moved = f"{t['from_status'] or '-':>11} -> {t['to_status']:<11}"
         console.print(f"  {t['at'][:19]}  {moved} {t['reason'] or ''}")
@@ -224,3 +229,38 @@ def trials(experiment_id: IdArg) -> None:
         values = [str(params.get(k, "")) for k in keys]
         table.add_row(str(t.get("trial")), *values, miou, str(t.get("status")), mark)
     console.print(table)
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: value}
+
+
+@client_app.command("compare")
+@handles_errors
+def compare(experiment_ids: Annotated[list[str], typer.Argument(help="Two or more experiment ids.")]) -> None:
+    """Key numbers of several experiments side by side, then the spec keys whose values differ."""
+    with Client() as client:
+        exps = [client.get(i) for i in experiment_ids]
+    numbers = Table(Column("id", no_wrap=True), "name", "status", "epochs", "mIoU", "pseudo-label mIoU", "trivial")
+    for e in exps:
+        result, p = e.get("result") or {}, e["progress"]
+
+        def num(key: str, result: dict[str, Any] = result) -> str:
+            v = result.get(key)
+            return f"{v:.2f}" if isinstance(v, int | float) else ""
+
+        numbers.add_row(e["id"], e["name"], e["status"], f"{p['epochs_done']}/{p['epochs_total']}", num("miou"),
+                        num("pseudo_label_miou"), num("trivial_label_miou"))  # fmt: skip
+    console.print(numbers)
+    flat = [_flat(e["spec"]) for e in exps]
+    keys = sorted({k for f in flat for k in f})
+    differ = [k for k in keys if len({repr(f.get(k, "-")) for f in flat}) > 1]
+    if not differ:
+        console.print("the specs are the same")
+        return
+    diff = Table("spec key", *(Column(e["id"], no_wrap=True) for e in exps))
+    for k in differ:
+        diff.add_row(k, *(str(f.get(k, "-")) for f in flat))
+    console.print(diff)

@@ -65,7 +65,8 @@ def run_demo(config: Path, data_dir: Path, overrides: list[str], timeout: float)
     token = secrets.token_urlsafe(24)
     settings = Settings(data_dir=data_dir, api_tokens=[token], ray_address=None, database_url=None, storage=None)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="cdsp-demo-server")
     console.print(f"starting the service (SQLite + artifacts in {data_dir}, a local Ray head) ...")
     thread.start()
@@ -73,6 +74,11 @@ def run_demo(config: Path, data_dir: Path, overrides: list[str], timeout: float)
         if not _wait_started(server, thread, 180.0):
             console.print("[red]error:[/red] the service did not start; see the log above")
             return 1
+        console.print(f"web page: http://127.0.0.1:{port}/ui/ (sign in with this demo's token {token})")
+        head = app.state.ctx.head.info if app.state.ctx.head is not None else None
+        if head is not None and head.dashboard_url:
+            how = f" (token auth; the cluster's token: {head.token})" if head.token else ""
+            console.print(f"Ray dashboard: {head.dashboard_url}{how}")
         return _run(Client(f"http://127.0.0.1:{port}", token), spec, timeout)
     finally:
         console.print("shutting down the service and its Ray head ...")

@@ -136,6 +136,13 @@ def test_the_cli_client_verbs(service: ServiceProcess, tmp_path: Path) -> None:
     assert status.exit_code == 0 and "queued -> dispatching" in status.output and "Ray job" in status.output
     trials = cdsp("trials", exp_id)
     assert trials.exit_code == 0 and "t2" in trials.output and "best" in trials.output
+    followed = cdsp("status", exp_id, "-f")  # not a terminal here: plain lines, then the status
+    assert followed.exit_code == 0 and f"{exp_id} cli-grid [succeeded]" in followed.output
+    r2 = cdsp("submit", str(spec_file), "--set", "stage2.epochs=2", "--set", "stage1.epochs=1", "--wait")
+    other = r2.output.split()[0]
+    compared = cdsp("compare", exp_id, other)
+    assert compared.exit_code == 0 and "stage2.epochs" in compared.output and "succeeded" in compared.output
+    assert "stage1.epochs" not in compared.output  # equal values are not listed
     assert "done" in cdsp("logs", exp_id).output
     assert "done" in cdsp("logs", exp_id, "-f").output  # a finished experiment: the stream ends
     fetched = cdsp("fetch", exp_id, "-o", str(tmp_path))
