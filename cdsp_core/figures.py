@@ -251,4 +251,7 @@ def run_figures(
         written.append("loss.png")
     for name in written:
         runs.upload(out / name, runs.join(run, runs.FIGURES, name))
+    from cdsp_core import tb
+
+    tb.export(run, out / "samples.png" if "samples.png" in written else None)  # tensorboard --logdir RUN
     return written

@@ -69,6 +69,7 @@ def test_run_writes_every_artifact_and_predict_writes_masks(invoke, tiny_synth: 
     assert (out / runs.CHECKPOINTS / "stage2-epoch002.pt").is_file()
     figures = {p.name for p in (out / runs.FIGURES).iterdir()}
     assert {"samples.png", "miou.png"} <= figures
+    assert [p.name for p in (out / "tb").iterdir()] == ["events.out.tfevents.cdsp"]  # tensorboard --logdir
     grid = cv2.imread(str(out / runs.FIGURES / "samples.png"))
     assert grid is not None and grid.shape[1] > grid.shape[0]  # six columns of panels
 
