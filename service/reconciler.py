@@ -150,6 +150,25 @@ class Reconciler:
             if job.status == "STOPPED":
                 error = f"the Ray job was stopped outside the service: {error}"
             self._move(exp, Status.failed, f"Ray job {job.status.lower()}", finished_at=when, error=error)
+        self._export(exp.id)
+
+    def _export(self, experiment_id: str) -> None:
+        """Mirror an ended experiment to MLflow when configured, in a thread (an upload must not hold up
+        the loop; a restarted service does not mirror an attempt twice)."""
+        uri = self.settings.mlflow_tracking_uri
+        if not uri:
+            return
+        import threading
+
+        from service.mlflow_export import mirror_quietly
+
+        with self.sessions() as s:
+            exp = store.get(s, experiment_id)
+            s.expunge(exp)  # its loaded fields stay readable in the thread
+        if exp.status not in ("succeeded", "failed", "cancelled"):
+            return
+        name = self.settings.mlflow_experiment
+        threading.Thread(target=mirror_quietly, args=(exp, uri, name), name=f"mlflow-{exp.id}", daemon=True).start()
 
     # ---- a lost cluster -----------------------------------------------------------------------
     def cluster_unreachable(self, problem: str) -> list[str]:

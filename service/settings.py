@@ -66,6 +66,11 @@ class Settings(BaseSettings):
     """Largest request body accepted (a spec is a few kB); larger ones get 413 before they are parsed."""
     background: bool = True
     """Run the dispatcher and reconciler in this process (off for a read-only replica or some tests)."""
+    mlflow_tracking_uri: str | None = None
+    """An MLflow tracking server (`http://host:5000`): each experiment that ends is mirrored there as a run
+    (needs the `cdsp[mlflow]` extra). Unset: no MLflow."""
+    mlflow_experiment: str = "cdsp"
+    """The MLflow experiment the runs go to."""
 
     @field_validator("api_tokens", "dataset_roots", mode="before")
     @classmethod
