@@ -106,7 +106,7 @@ def wait_for(driver: Any, predicate: Any, what: str, timeout: float) -> None:
 
 
 def test_sign_in_follow_open_compare_and_cancel_in_chromium(
-    service: ServiceProcess, browser: Any, tiny_synth: Path
+    service: ServiceProcess, browser: Any, tiny_synth: Path, ray_head: EmbeddedHead
 ) -> None:
     from selenium.webdriver.common.by import By
 
@@ -119,10 +119,11 @@ def test_sign_in_follow_open_compare_and_cancel_in_chromium(
     assert "tiny-done" not in browser.page_source
     browser.find_element(By.ID, "token").send_keys("wrong")
     browser.find_element(By.ID, "signin").click()
+    wait_for(browser, lambda: bool(browser.find_elements(By.ID, "signin-error")), "the sign-in error", 30)
     assert "is not one of the service" in browser.find_element(By.ID, "signin-error").text
     browser.find_element(By.ID, "token").send_keys(TOKEN)
     browser.find_element(By.ID, "signin").click()
-    assert browser.find_element(By.ID, "experiments")
+    wait_for(browser, lambda: bool(browser.find_elements(By.ID, "experiments")), "the list after sign-in", 30)
     cookie = browser.get_cookie("cdsp_token")
     assert cookie and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
 
@@ -138,7 +139,7 @@ def test_sign_in_follow_open_compare_and_cancel_in_chromium(
 
     wait_for(browser, lambda: row_status() == "succeeded", "the experiment succeeded on the list", timeout=240)
     shoot(browser, "ui-list")
-    browser.find_element(By.XPATH, f"//a[@href='/ui/experiments/{done['id']}']").click()
+    browser.get(f"{service.url}/ui/experiments/{done['id']}")  # (its link on the list, loaded directly)
     assert browser.find_element(By.ID, "status").text == "succeeded"
     assert browser.find_elements(By.CSS_SELECTOR, "svg.chart polyline"), "no curve drawn"
     images = browser.find_elements(By.CSS_SELECTOR, "img.figure")
@@ -147,6 +148,20 @@ def test_sign_in_follow_open_compare_and_cancel_in_chromium(
     assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", samples[0]) > 100
     assert "val mIoU" in browser.page_source and "stage2-epoch002.pt" in browser.page_source
     shoot(browser, "ui-experiment")
+
+    # The Ray dashboard is one click away: its job page, after the dashboard's own token prompt.
+    sid = api.get(f"/v1/experiments/{done['id']}").json()["ray"]["submission_id"]
+    link = browser.find_element(By.ID, "ray-job").get_attribute("href")
+    assert sid in link
+    browser.get(link)
+    assert ray_head.info is not None and ray_head.info.token
+    wait_for(browser, lambda: bool(browser.find_elements(By.CSS_SELECTOR, "input[type=password]")),
+             "the dashboard's token prompt", timeout=30)  # fmt: skip
+    browser.find_element(By.CSS_SELECTOR, "input[type=password]").send_keys(ray_head.info.token)
+    browser.find_element(By.XPATH, "//button[normalize-space()='Submit' or normalize-space()='SUBMIT']").click()
+    wait_for(browser, lambda: sid in browser.page_source and "SUCCEEDED" in browser.page_source,
+             "the Ray job page with its status", timeout=60)  # fmt: skip
+    shoot(browser, "ray-dashboard-job")
 
     # A long one: compare the two, then cancel it from its page.
     long = api.post("/v1/experiments", json={"spec": stage2_spec(tiny_synth, "tiny-long", 200)}).json()
@@ -157,6 +172,7 @@ def test_sign_in_follow_open_compare_and_cancel_in_chromium(
     wait_for(browser, lambda: api.get(f"/v1/experiments/{long['id']}").json()["status"] == "running",
              "the long run started", timeout=120)  # fmt: skip
     browser.refresh()
+    wait_for(browser, lambda: bool(browser.find_elements(By.ID, "cancel")), "the cancel button", 30)
     browser.find_element(By.ID, "cancel").click()
     wait_for(browser, lambda: api.get(f"/v1/experiments/{long['id']}").json()["status"] == "cancelled",
              "cancelled from the page", timeout=90)  # fmt: skip
