@@ -54,6 +54,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ctx: AppContext = app.state.ctx
         db.migrate(ctx.engine)
         ctx.ray_jobs, ctx.head = _connect_ray(settings)
+        # Where to look, on the console uvicorn prints to: the web page, and the embedded head's dashboard
+        # with how to get past its token prompt.
+        console = logging.getLogger("uvicorn.error")
+        console.info("web page: /ui/ on this server (sign in with an API token)")
+        if ctx.head is not None and ctx.head.info is not None:
+            console.info(
+                "Ray dashboard: %s (token auth: paste the cluster's token, the 'token' field of %s)",
+                ctx.head.info.dashboard_url, ctx.head.state_file,
+            )  # fmt: skip
         if settings.background:
             ctx.loop = ControlLoop(settings, ctx.sessions, ctx.ray, ctx.head)
             ctx.loop.start()
