@@ -149,12 +149,28 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def kill_node(node: Node) -> None:
-    """The whole node at once: `ray start`, its raylet, agents and workers, no clean-up."""
-    for pid in [node.proc.pid, *descendants(node.proc.pid)]:
+def node_pids(node: Node) -> list[int]:
+    """Every process of the node: below its `ray start`, and (a separate host) every one in its namespace."""
+    pids = {node.proc.pid, *descendants(node.proc.pid)}
+    if node.host.netns:
+        with suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError):
+            out = subprocess.run(["ip", "netns", "pids", node.host.netns], capture_output=True, text=True, timeout=10)
+            pids |= {int(p) for p in out.stdout.split()}
+    return sorted(pids)
+
+
+def kill_node(node: Node) -> list[int]:
+    """The whole node at once: `ray start`, its raylet, agents and workers, no clean-up. Returns the
+    pids killed, once every one of them has exited (a SIGKILLed process may take a moment)."""
+    pids = node_pids(node)
+    for pid in pids:
         with suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     node.proc.wait(timeout=10)
+    deadline = time.monotonic() + 15
+    while [p for p in pids if pid_alive(p) and _state(p) != "Z"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return pids
 
 
 def _state(pid: int) -> str:
@@ -232,7 +248,7 @@ def test_a_worker_node_lost_mid_epoch_the_run_finishes_on_the_node_left(
         stack.callback(stop_head, head, head_proc)
         nodes = [start_node(head, h, server.env(), tmp_path / f"{h.name}.log") for h in hosts]
         for node in nodes:
-            stack.callback(kill_node, node)
+            stack.callback(kill_node, node)  # (again at the end: a no-op for the one already killed)
         wait(lambda: len(alive_nodes(head)) == 3, "head and two worker nodes alive", timeout=90)
         if hosts[0].netns:  # (on loopback Ray reports the machine's address for every node)
             assert sorted(n["node_ip"] for n in alive_nodes(head)) == sorted([head_ip, *(h.ip for h in hosts)])
@@ -265,10 +281,9 @@ def test_a_worker_node_lost_mid_epoch_the_run_finishes_on_the_node_left(
         assert set(runs.listdir(runs.join(run, runs.PSEUDO_LABELS))) >= names
         victim = nodes[1]
         time.sleep(0.5)
-        doomed = [victim.proc.pid, *descendants(victim.proc.pid)]
-        kill_node(victim)
+        doomed = kill_node(victim)
         t_kill = time.perf_counter()
-        assert not [pid for pid in doomed if pid_alive(pid) and _state(pid) != "Z"]
+        assert not [pid for pid in doomed if pid_alive(pid) and _state(pid) != "Z"], doomed
         stored_names = runs.listdir(runs.join(run, "checkpoints"))
         stored = max(int(n[len("stage2-epoch") : -3]) for n in stored_names if n.startswith("stage2-"))
 
