@@ -525,6 +525,16 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested spec (or any mapping) as dotted keys: {"stage2": {"lr": 0.1}} -> {"stage2.lr": 0.1}."""
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(flatten(item, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: value}
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     """`"stage2.lambda_s=2"` -> ("stage2.lambda_s", 2); the value is parsed as YAML."""
     key, sep, raw = item.partition("=")

@@ -231,16 +231,12 @@ def trials(experiment_id: IdArg) -> None:
     console.print(table)
 
 
-def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: value}
-
-
 @client_app.command("compare")
 @handles_errors
 def compare(experiment_ids: Annotated[list[str], typer.Argument(help="Two or more experiment ids.")]) -> None:
     """Key numbers of several experiments side by side, then the spec keys whose values differ."""
+    from cdsp_core.spec import flatten
+
     with Client() as client:
         exps = [client.get(i) for i in experiment_ids]
     numbers = Table(Column("id", no_wrap=True), "name", "status", "epochs", "mIoU", "pseudo-label mIoU", "trivial")
@@ -254,7 +250,7 @@ def compare(experiment_ids: Annotated[list[str], typer.Argument(help="Two or mor
         numbers.add_row(e["id"], e["name"], e["status"], f"{p['epochs_done']}/{p['epochs_total']}", num("miou"),
                         num("pseudo_label_miou"), num("trivial_label_miou"))  # fmt: skip
     console.print(numbers)
-    flat = [_flat(e["spec"]) for e in exps]
+    flat = [flatten(e["spec"]) for e in exps]
     keys = sorted({k for f in flat for k in f})
     differ = [k for k in keys if len({repr(f.get(k, "-")) for f in flat}) > 1]
     if not differ:

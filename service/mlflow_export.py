@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cdsp_core import runs
+from cdsp_core.spec import flatten
 from service.models import Experiment
 
 log = logging.getLogger("cdsp.mlflow")
@@ -28,13 +29,9 @@ STATUS = {"succeeded": "FINISHED", "failed": "FAILED", "cancelled": "KILLED"}
 TAG_ID, TAG_ATTEMPT = "cdsp.experiment_id", "cdsp.attempt"
 
 
-def flatten(value: Any, prefix: str = "") -> dict[str, str]:
-    if isinstance(value, dict):
-        out: dict[str, str] = {}
-        for key, item in value.items():
-            out.update(flatten(item, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: json.dumps(value) if isinstance(value, list | dict) else str(value)}
+def params(spec: dict[str, Any]) -> dict[str, str]:
+    """The spec as MLflow params: dotted keys, lists and mappings as JSON."""
+    return {k: json.dumps(v) if isinstance(v, list | dict) else str(v) for k, v in flatten(spec).items()}
 
 
 def metric_points(rows: list[dict[str, Any]]) -> list[tuple[str, float, int]]:
@@ -91,7 +88,7 @@ def mirror(exp: Experiment, tracking_uri: str, experiment_name: str = "cdsp") ->
     run = client.create_run(mlflow_experiment, run_name=f"{exp.name} ({exp.id})", tags=tags)
     run_id = run.info.run_id
     rows = runs.read_jsonl(runs.join(exp.run_dir, runs.METRICS))
-    _log_params(client, run_id, flatten(exp.spec))
+    _log_params(client, run_id, params(exp.spec))
     _log_points(client, run_id, metric_points([r for r in rows if not r.get("trial")]))
     if exp.result:
         finals = {k: v for k, v in exp.result.items() if isinstance(v, int | float) and not isinstance(v, bool)}

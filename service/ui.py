@@ -28,6 +28,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, StreamingResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.status import HTTP_303_SEE_OTHER
 
+from cdsp_core.spec import flatten
 from service import charts, runfolder, store, views
 from service.auth import token_matches
 from service.deps import CtxDep, SessionDep, WriteSessionDep
@@ -303,15 +304,6 @@ def checkpoint(
     return download
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: value}
-
-
 @router.get("/compare")
 def compare(
     request: Request, session: SessionDep, id: Annotated[list[ExperimentId] | None, Query(max_length=12)] = None
@@ -327,7 +319,7 @@ def compare(
         label = f"{e.name} ({e.id[-6:]})"
         miou[label] = [(float(r["epoch"]), float(r["miou"])) for r in rows if isinstance(r.get("miou"), int | float)]
         loss[label] = [(float(r["epoch"]), float(r["loss"])) for r in rows if isinstance(r.get("loss"), int | float)]
-    flat = [_flatten(e.spec) for e in exps]
+    flat = [flatten(e.spec) for e in exps]
     keys = sorted({k for f in flat for k in f})
     differ = [(k, [f.get(k, "-") for f in flat]) for k in keys if len({repr(f.get(k, "-")) for f in flat}) > 1]
     return _render(

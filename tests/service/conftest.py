@@ -21,6 +21,7 @@ from sqlalchemy import create_engine, text
 
 from service.ray_head import EmbeddedHead
 from service.settings import Settings
+from tests.service.server import ServiceProcess
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTED_JOB = Path(__file__).parent / "jobs" / "scripted_run.py"
@@ -157,3 +158,26 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
+
+
+@pytest.fixture
+def on_shared_head(ray_head: EmbeddedHead, tmp_path: Path) -> Iterator[ServiceProcess]:
+    """The service as a process on the session's Ray head (CDSP_RAY_ADDRESS) with the real job entrypoint
+    (test_faults, test_browser)."""
+    assert ray_head.info is not None and ray_head.info.dashboard_url is not None
+    env = {
+        "CDSP_DATA_DIR": str(tmp_path / "cdsp-data"),
+        "CDSP_DATABASE_URL": f"sqlite:///{tmp_path / 'service.db'}",
+        "CDSP_STORAGE": str(tmp_path / "artifacts"),
+        "CDSP_RAY_ADDRESS": ray_head.info.dashboard_url,
+        "CDSP_RAY_TOKEN": ray_head.info.token or "",
+        "CDSP_API_TOKENS": TOKEN,
+        "CDSP_POLL_INTERVAL": "0.5",
+    }
+    proc = ServiceProcess(env, tmp_path, tmp_path / "service.log")
+    proc.env.pop("CDSP_JOB_ENTRYPOINT", None)
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()

@@ -43,27 +43,6 @@ def stage2_spec(root: Path, name: str, epochs: int) -> dict[str, Any]:
 
 
 @pytest.fixture
-def service(ray_head: EmbeddedHead, tmp_path: Path) -> Iterator[ServiceProcess]:
-    assert ray_head.info is not None and ray_head.info.dashboard_url is not None
-    env = {
-        "CDSP_DATA_DIR": str(tmp_path / "cdsp-data"),
-        "CDSP_DATABASE_URL": f"sqlite:///{tmp_path / 'service.db'}",
-        "CDSP_STORAGE": str(tmp_path / "artifacts"),
-        "CDSP_RAY_ADDRESS": ray_head.info.dashboard_url,
-        "CDSP_RAY_TOKEN": ray_head.info.token or "",
-        "CDSP_API_TOKENS": TOKEN,
-        "CDSP_POLL_INTERVAL": "0.5",
-    }
-    proc = ServiceProcess(env, tmp_path, tmp_path / "service.log")
-    proc.env.pop("CDSP_JOB_ENTRYPOINT", None)  # the real job
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
-
-
-@pytest.fixture
 def browser() -> Iterator[Any]:
     if os.environ.get("CDSP_TEST_SKIP_BROWSER") == "1":
         pytest.skip("browser test skipped on request (CDSP_TEST_SKIP_BROWSER=1)")
@@ -106,10 +85,11 @@ def wait_for(driver: Any, predicate: Any, what: str, timeout: float) -> None:
 
 
 def test_sign_in_follow_open_compare_and_cancel_in_chromium(
-    service: ServiceProcess, browser: Any, tiny_synth: Path, ray_head: EmbeddedHead
+    on_shared_head: ServiceProcess, browser: Any, tiny_synth: Path, ray_head: EmbeddedHead
 ) -> None:
     from selenium.webdriver.common.by import By
 
+    service = on_shared_head
     api = httpx.Client(base_url=service.url, headers=AUTH, timeout=10)
     done = api.post("/v1/experiments", json={"spec": stage2_spec(tiny_synth, "tiny-done", 2)}).json()
     t0 = time.perf_counter()

@@ -62,28 +62,6 @@ def embedded(tmp_path: Path) -> Iterator[ServiceProcess]:
         proc.stop(timeout=60)
 
 
-@pytest.fixture
-def on_shared_head(ray_head: EmbeddedHead, tmp_path: Path) -> Iterator[ServiceProcess]:
-    """The service on the session's Ray head (CDSP_RAY_ADDRESS) with the real job entrypoint."""
-    assert ray_head.info is not None and ray_head.info.dashboard_url is not None
-    env = {
-        "CDSP_DATA_DIR": str(tmp_path / "cdsp-data"),
-        "CDSP_DATABASE_URL": f"sqlite:///{tmp_path / 'service.db'}",
-        "CDSP_STORAGE": str(tmp_path / "artifacts"),
-        "CDSP_RAY_ADDRESS": ray_head.info.dashboard_url,
-        "CDSP_RAY_TOKEN": ray_head.info.token or "",
-        "CDSP_API_TOKENS": TOKEN,
-        "CDSP_POLL_INTERVAL": "0.5",
-    }
-    proc = ServiceProcess(env, tmp_path, tmp_path / "service.log")
-    proc.env.pop("CDSP_JOB_ENTRYPOINT", None)
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
-
-
 def job_worker_pids(ray_head: EmbeddedHead, submission_id: str) -> list[int]:
     """Pids of the live Ray worker processes of a Ray job (the state API of the head's dashboard)."""
     assert ray_head.info is not None
