@@ -46,10 +46,12 @@ def handles_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def describe(exp: dict[str, Any]) -> str:
+def describe(exp: dict[str, Any], brief: bool = False) -> str:
+    """One line: id (unless `brief`, for the live display), name, status, epochs, stage, loss, mIoU."""
     p = exp["progress"]
     latest = exp.get("latest_metrics") or {}
-    bits = [f"{exp['id']} {exp['name']} [{exp['status']}]", f"epochs {p['epochs_done']}/{p['epochs_total']}"]
+    who = f"{exp['name']} [{exp['status']}]" if brief else f"{exp['id']} {exp['name']} [{exp['status']}]"
+    bits = [who, f"epochs {p['epochs_done']}/{p['epochs_total']}"]
     if p.get("stage"):
         bits.append(f"stage {p['stage']}")
     if isinstance(latest.get("loss"), int | float):
@@ -71,7 +73,7 @@ def wait_for(client: Client, experiment_id: str, poll: float = 1.0, timeout: flo
         while True:
             exp = client.get(experiment_id)
             line = describe(exp)
-            bar.update(task, completed=exp["progress"]["fraction"], description=escape(line))
+            bar.update(task, completed=exp["progress"]["fraction"], description=escape(describe(exp, brief=True)))
             if not err.is_terminal and line != last:  # logs and CI: one plain line per change
                 err.print(line, highlight=False, soft_wrap=True, markup=False)
             last = line
