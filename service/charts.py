@@ -106,7 +106,8 @@ def heatmap(title: str, xs: Sequence[float], ys: Sequence[float], cells: dict[tu
     width, height = left + cw * len(xs) + 20, top + chh * len(ys) + 40
     lo, hi = min(cells.values()), max(cells.values())
     best = max(cells, key=lambda k: cells[k])
-    out = [f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title)}">',
+    out = [f'<svg class="chart" viewBox="0 0 {width} {height}" style="width:{max(width, 300)}px" role="img" '
+           f'aria-label="{escape(title)}">',
            f'<text x="{left}" y="15" class="title">{escape(title)}</text>']  # fmt: skip
     for j, y in enumerate(ys):
         out.append(f'<text x="{left - 6}" y="{top + j * chh + 19}" class="tick" text-anchor="end">{_fmt(y)}</text>')

@@ -120,7 +120,8 @@ def mirror(exp: Experiment, tracking_uri: str, experiment_name: str = "cdsp") ->
         )
         _log_params(client, child.info.run_id, {k: str(v) for k, v in (trial.get("params") or {}).items()})
         _log_points(client, child.info.run_id, metric_points([r for r in rows if str(r.get("trial")) == name]))
-        trial_status = "FINISHED" if str(trial.get("status", "")).upper() == "TERMINATED" else "FAILED"
+        failed = str(trial.get("status", "")).lower() in ("error", "failed")  # (finished, stopped by ASHA: ran)
+        trial_status = "FAILED" if failed else "FINISHED"
         client.set_terminated(child.info.run_id, status=trial_status)
     client.set_terminated(run_id, status=STATUS.get(exp.status, "FINISHED"))
     return str(run_id)

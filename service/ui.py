@@ -241,7 +241,9 @@ def experiment_page(experiment_id: ExperimentId, request: Request, ctx: CtxDep, 
     if token is None:
         return _sign_in(next_url=str(request.url.path))
     exp = store.get(session, experiment_id)
-    rows = [r.data for r in store.metric_rows(session, experiment_id)]
+    # A search's trials log their own epochs: the page's curves are the search's rows, its trials table
+    # and heatmap the trials'.
+    rows = [r.data for r in store.metric_rows(session, experiment_id) if not r.data.get("trial")]
     log = ""
     with contextlib.suppress(Exception):  # the page shows without its log when Ray does not answer
         log = ANSI.sub("", artifacts._tail(artifacts._read_logs(ctx, exp), LOG_LINES))

@@ -2,8 +2,9 @@
 against the service as a process with the real job on a real Ray head.
 
 Sign in through the form, watch a tiny experiment reach `succeeded` on the list (the page reloads
-itself), open it and see its curves (SVG) and sample figure (a decoded image) drawn, compare it
-with a second one, and cancel that one from its page. Screenshots of each page go to
+itself), open it and see its curves (SVG) and sample figure (a decoded image) drawn, open its Ray
+dashboard job page, compare it with a second one, cancel that one from its page, and open a tiny
+grid search's page (trials, best marked, the lambda heatmap). Screenshots of each page go to
 `CDSP_SCREENSHOTS` when set (the README's pictures in docs/ come from such a run).
 
 Chromium must be installed (`.ci/run` installs `chromium chromium-driver` with apt when missing);
@@ -27,8 +28,9 @@ from service.ray_head import EmbeddedHead
 from tests.service.conftest import AUTH, TOKEN
 from tests.service.server import ServiceProcess
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(480)]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(720)]
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+FINAL = ("succeeded", "failed", "cancelled")
 
 
 def stage2_spec(root: Path, name: str, epochs: int) -> dict[str, Any]:
@@ -158,4 +160,18 @@ def test_sign_in_follow_open_compare_and_cancel_in_chromium(
              "cancelled from the page", timeout=90)  # fmt: skip
     browser.refresh()
     assert browser.find_element(By.ID, "status").text == "cancelled" and browser.find_elements(By.ID, "retry")
+
+    # A tiny grid search: its page lists the trials, the best one marked, and draws the lambda heatmap.
+    grid = {**stage2_spec(tiny_synth, "tiny-grid", 1), "kind": "search",
+            "search": {"space": {"stage2.lambda_s": {"grid": [1.0, 2.0]}, "stage2.lambda_c": {"grid": [6.0]}},
+                       "max_concurrent_trials": 1}}  # fmt: skip
+    search = api.post("/v1/experiments", json={"spec": grid}).json()
+    wait_for(browser, lambda: api.get(f"/v1/experiments/{search['id']}").json()["status"] in FINAL,
+             "the search ended", timeout=300)  # fmt: skip
+    assert api.get(f"/v1/experiments/{search['id']}").json()["status"] == "succeeded"
+    browser.get(f"{service.url}/ui/experiments/{search['id']}")
+    rows = browser.find_elements(By.CSS_SELECTOR, "#trials tr")
+    assert len(rows) == 3 and len(browser.find_elements(By.CSS_SELECTOR, "#trials tr.best")) == 1
+    assert "mIoU over lambda_s x lambda_c" in browser.page_source
+    shoot(browser, "ui-search")
     print(f"browser walk: {time.perf_counter() - t0:.1f} s")
