@@ -26,7 +26,7 @@ from service import runfolder, store
 from service.models import Experiment, utcnow
 from service.ray_jobs import JobInfo, JobNotFound, RayError, RayJobs, RayUnavailable
 from service.settings import Settings
-from service.states import Status
+from service.states import FINAL, Status
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class Reconciler:
         with self.sessions() as s:
             exp = store.get(s, experiment_id)
             s.expunge(exp)  # its loaded fields stay readable in the thread
-        if exp.status not in ("succeeded", "failed", "cancelled"):
+        if exp.status not in FINAL:
             return
         name = self.settings.mlflow_experiment
         threading.Thread(target=mirror_quietly, args=(exp, uri, name), name=f"mlflow-{exp.id}", daemon=True).start()
