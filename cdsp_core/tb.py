@@ -24,19 +24,21 @@ FILE = "events.out.tfevents.cdsp"  # one fixed name: each export replaces the la
 SKIP = {"epoch", "epochs", "step", "time", "seconds", "round"}
 
 
-def scalars(rows: list[dict[str, Any]]) -> list[tuple[str, float, int]]:
-    """(tag, value, step) for every numeric value of every row."""
+def scalars(rows: list[dict[str, Any]], sep: str = "/", trials: bool = True) -> list[tuple[str, float, int]]:
+    """(tag, value, step) for every numeric value of every row: `<stage><sep><key>` at the row's epoch
+    (its round for rows that have none), under `<trial>/` for a trial's rows when `trials` is set.
+    Shared by this export and the MLflow mirror (`sep="."`, one child run per trial)."""
     out = []
     for row in rows:
         stage = str(row.get("stage", "run"))
         step = row.get("epoch", row.get("round", 0))
         if not isinstance(step, int):
             continue
-        prefix = f"{row['trial']}/{stage}" if row.get("trial") else stage
+        prefix = f"{row['trial']}/{stage}" if trials and row.get("trial") else stage
         for key, value in row.items():
             if key in SKIP or isinstance(value, bool) or not isinstance(value, int | float):
                 continue
-            out.append((f"{prefix}/{key}", float(value), step))
+            out.append((f"{prefix}{sep}{key}", float(value), step))
     return out
 
 

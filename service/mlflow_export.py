@@ -4,7 +4,8 @@ Each attempt of an experiment that ends (succeeded, failed or cancelled) becomes
 the experiment `CDSP_MLFLOW_EXPERIMENT`, named after it and tagged `cdsp.experiment_id` and
 `cdsp.attempt`, so that a mirror is never made twice (a restarted service looks before it writes):
 - params: the spec flattened to dotted keys (`stage2.lambda_s`...);
-- metrics: every numeric value of metrics.jsonl under `<stage>.<key>` at step = the epoch;
+- metrics: every numeric value of metrics.jsonl under `<stage>.<key>` at step = the epoch (the tags of
+  the TensorBoard export, `cdsp_core.tb.scalars`, with a dot);
 - artifacts: result.json, the figures, the spec, and the final checkpoint under `model/`;
 - a search: the parent run holds the search's own rows; each trial is a child run
   (`mlflow.parentRunId`) with its params and its per-epoch metrics.
@@ -22,6 +23,7 @@ from typing import Any
 
 from cdsp_core import runs
 from cdsp_core.spec import flatten
+from cdsp_core.tb import scalars
 from service.models import Experiment
 
 log = logging.getLogger("cdsp.mlflow")
@@ -32,22 +34,6 @@ TAG_ID, TAG_ATTEMPT = "cdsp.experiment_id", "cdsp.attempt"
 def params(spec: dict[str, Any]) -> dict[str, str]:
     """The spec as MLflow params: dotted keys, lists and mappings as JSON."""
     return {k: json.dumps(v) if isinstance(v, list | dict) else str(v) for k, v in flatten(spec).items()}
-
-
-def metric_points(rows: list[dict[str, Any]]) -> list[tuple[str, float, int]]:
-    """(key, value, step) of every numeric value of the rows (the epoch is the step)."""
-    points = []
-    for row in rows:
-        step = row.get("epoch", row.get("round", 0))
-        if not isinstance(step, int):
-            continue
-        stage = str(row.get("stage", "run"))
-        for key, value in row.items():
-            if key in ("epoch", "epochs", "step", "time", "round") or isinstance(value, bool):
-                continue
-            if isinstance(value, int | float):
-                points.append((f"{stage}.{key}", float(value), step))
-    return points
 
 
 def _log_points(client: Any, run_id: str, points: list[tuple[str, float, int]]) -> None:
@@ -89,7 +75,7 @@ def mirror(exp: Experiment, tracking_uri: str, experiment_name: str = "cdsp") ->
     run_id = run.info.run_id
     rows = runs.read_jsonl(runs.join(exp.run_dir, runs.METRICS))
     _log_params(client, run_id, params(exp.spec))
-    _log_points(client, run_id, metric_points([r for r in rows if not r.get("trial")]))
+    _log_points(client, run_id, scalars([r for r in rows if not r.get("trial")], sep=".", trials=False))
     if exp.result:
         finals = {k: v for k, v in exp.result.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         _log_points(client, run_id, [(f"final.{k}", float(v), 0) for k, v in finals.items()])
@@ -119,7 +105,9 @@ def mirror(exp: Experiment, tracking_uri: str, experiment_name: str = "cdsp") ->
             tags={**tags, "mlflow.parentRunId": run_id, "cdsp.trial": name},
         )
         _log_params(client, child.info.run_id, {k: str(v) for k, v in (trial.get("params") or {}).items()})
-        _log_points(client, child.info.run_id, metric_points([r for r in rows if str(r.get("trial")) == name]))
+        _log_points(
+            client, child.info.run_id, scalars([r for r in rows if str(r.get("trial")) == name], sep=".", trials=False)
+        )
         failed = str(trial.get("status", "")).lower() in ("error", "failed")  # (finished, stopped by ASHA: ran)
         trial_status = "FAILED" if failed else "FINISHED"
         client.set_terminated(child.info.run_id, status=trial_status)
