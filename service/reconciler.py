@@ -150,7 +150,6 @@ class Reconciler:
             if job.status == "STOPPED":
                 error = f"the Ray job was stopped outside the service: {error}"
             self._move(exp, Status.failed, f"Ray job {job.status.lower()}", finished_at=when, error=error)
-        self._export(exp.id)
 
     def _export(self, experiment_id: str) -> None:
         """Mirror an ended experiment to MLflow when configured, in a thread (an upload must not hold up
@@ -259,8 +258,14 @@ class Reconciler:
             log.warning("could not stop %s: %s", sid, exc)
 
     def _move(self, exp: Experiment, to: Status, reason: str, **values: object) -> bool:
+        """Record a transition; an experiment that ends here (finished, lost with its job or its cluster)
+        is mirrored to MLflow once the move is committed. Experiments that end before reaching Ray
+        (cancelled in the queue, refused at dispatch) ran nothing and are not mirrored."""
         with self.sessions.begin() as s:
-            return store.transition(s, exp.id, to, reason, self.replica, expect=[Status(exp.status)], **values)
+            moved = store.transition(s, exp.id, to, reason, self.replica, expect=[Status(exp.status)], **values)
+        if moved and to in FINAL:
+            self._export(exp.id)
+        return moved
 
     def _update(self, exp: Experiment, **values: object) -> None:
         with self.sessions.begin() as s:

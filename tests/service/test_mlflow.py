@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -121,15 +122,18 @@ def test_the_reconciler_exports_what_ends_when_configured(
                              mlflow_experiment="cdsp-reconciler")  # fmt: skip
     app = create_app(settings)
     with TestClient(app, headers=AUTH) as c:
+        # Not the normal end of a job: its cluster lost while it ran (metrics up to then are read first).
         exp = finished(c, small_spec("via-loop"), result={"miou": 12.5})
         ctx = ctx_of(app)
-        Reconciler(settings, ctx.sessions, ctx.ray)._export(exp.id)
+        with ctx.sessions.begin() as s:
+            store.update_fields(s, exp.id, status="running", submitted_at=datetime.now(UTC))
+        assert Reconciler(settings, ctx.sessions, ctx.ray).fail_submitted("lost the cluster") == [exp.id]
     ml = MlflowClient(tracking_uri=mlflow_server)
     deadline = time.monotonic() + 60
     while True:
         experiment = ml.get_experiment_by_name("cdsp-reconciler")
         found = ml.search_runs([experiment.experiment_id]) if experiment else []
-        if found and found[0].info.status == "FINISHED":
+        if found and found[0].info.status == "FAILED":
             break
         assert time.monotonic() < deadline, "the export thread did not mirror the experiment"
         time.sleep(0.5)
