@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import ROOT, table, write_results
 from cdsp_core import cam
+from cdsp_core.classifier import build_stage1_model
 from cdsp_core.data.layout import Layout, read_ids
 from cdsp_core.data.synthetic import generate
-from cdsp_core.engine import build_stage1_model
 from cdsp_core.runner import Runner, load_checkpoint
 from cdsp_core.spec import ExperimentSpec, load_spec
 

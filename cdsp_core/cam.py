@@ -24,10 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from cdsp_core.classifier import restrict_to_present
 from cdsp_core.data.dataset import WholeImageDataset, image_labels, same_size_batches
 from cdsp_core.data.files import write_label
 from cdsp_core.data.layout import IGNORE, Layout
-from cdsp_core.engine import autocast, restrict_to_present
+from cdsp_core.engine import autocast
 from cdsp_core.metrics import QUALITY_KEYS, LabelQuality
 from cdsp_core.refine import random_walk
 from cdsp_core.runner import Runner, unwrap

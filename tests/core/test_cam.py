@@ -147,8 +147,8 @@ def test_stage1_training_learns_the_image_labels_and_writes_valid_pseudo_labels(
     (How well CAMs of a classifier trained from scratch localise is measured by the accuracy study,
     not pinned here: on images this small it is weak, see benchmarks/results/synthetic-accuracy.md.)
     """
+    from cdsp_core.classifier import train_classifier
     from cdsp_core.data.dataset import WholeImageDataset
-    from cdsp_core.engine import train_classifier
 
     root = tmp_path / "toy"
     ids, classes = squares_dataset(root)

@@ -237,7 +237,7 @@ def test_model_and_batches_share_the_runners_device(tiny_synth, tmp_path, monkey
     CPU-only machines give the runner the meta device: a model left on the CPU would meet meta
     batches. The model's first forward pass compares the devices, then stops the run.
     """
-    from cdsp_core import engine
+    from cdsp_core import classifier, engine
 
     def checked(build):
         def build_and_watch(*args, **kwargs):
@@ -253,13 +253,13 @@ def test_model_and_batches_share_the_runners_device(tiny_synth, tmp_path, monkey
 
         return build_and_watch
 
-    monkeypatch.setattr(engine, "build_stage1_model", checked(engine.build_stage1_model))
+    monkeypatch.setattr(classifier, "build_stage1_model", checked(classifier.build_stage1_model))
     monkeypatch.setattr(engine, "build_stage2_model", checked(engine.build_stage2_model))
     spec = tiny_spec(tiny_synth, **{"stage1.method": "dense"})
     runner = Runner(run=str(tmp_path), device=torch.device("meta"), progress=False)
     scribbles = tiny_synth / "pascal_2012_scribble"
     with pytest.raises(Interrupt, match="same device"):
         if stage == "stage1":
-            engine.train_classifier(spec, runner, scribble_dir=scribbles)
+            classifier.train_classifier(spec, runner, scribble_dir=scribbles)
         else:
             engine.train_segmentor(spec, runner, scribble_dir=scribbles, pseudo_dir=tiny_synth / "SegmentationClassAug")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cdsp_core.cam import dense_probs, generate_pseudo_labels, pseudo_label, refine
-from cdsp_core.engine import average_precision, restrict_to_present, stage1_loss
+from cdsp_core.classifier import average_precision, restrict_to_present, stage1_loss
 from cdsp_core.metrics import LabelQuality
 from cdsp_core.models import build_classifier
 from cdsp_core.runner import Runner
