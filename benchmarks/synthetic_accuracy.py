@@ -26,6 +26,7 @@ study) and `64px` (the geometry comparison).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import re
@@ -202,7 +203,12 @@ def study_spec(args: argparse.Namespace, dataset: str) -> ExperimentSpec:
 
 def describe(args: argparse.Namespace, base: ExperimentSpec) -> list[str]:
     s2 = base.stage2
-    init = f"fine-tuned from `{Path(args.pretrained).name}`" if args.pretrained else "from random init"
+    init = (
+        f"fine-tuned from `{Path(args.pretrained).name}` (this call's file: sha256 {file_sha256(args.pretrained)}; "
+        "each row's result records its own)"
+        if args.pretrained
+        else "from random init"
+    )
     return [
         f"Data: `cdsp data synth --size {args.size} --train {args.train} --val {args.val} --classes {args.classes}` "
         "(and the datasets of the LoRM and geometry groups, named in their tables). "
@@ -342,10 +348,17 @@ def run_row(row: Row, args: argparse.Namespace, base: ExperimentSpec, cache: dic
         start = time.perf_counter()
         result = run_pipeline(spec, str(out), Runner(run=str(out), progress=False), figures=False)
         result["wall_s"] = round(time.perf_counter() - start, 1)
+        if args.pretrained:  # which backbone file it started from: re-made files are not bit-identical
+            result["pretrained_sha256"] = file_sha256(args.pretrained)
     if row.group in MS_GROUPS and "miou_ms" not in result:
         result["miou_ms"] = round(multiscale_miou(spec, out / result["checkpoint"]), 4)
     runs.write_text(str(out / runs.RESULT), json.dumps(result, indent=2) + "\n")
     return result
+
+
+def file_sha256(path: str) -> str:
+    """The first 16 hex digits of a file's SHA-256."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def multiscale_miou(spec: ExperimentSpec, checkpoint: Path) -> float:
