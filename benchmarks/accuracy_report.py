@@ -140,8 +140,9 @@ def stage1_table(members: list[Row], cache: dict[str, Any]) -> list[str]:
     return lines
 
 
-def by_dataset_table(members: list[Row], first: str) -> list[str]:
-    """One line per row label, one column per dataset (mean ± std over seeds)."""
+def by_dataset_table(members: list[Row], first: str, cache: dict[str, Any]) -> list[str]:
+    """One line per row label, one column per dataset (mean ± std over seeds), and a last line with each
+    dataset's pseudo-labels: their mIoU beside the trivial label's (the same scribbles)."""
     names = list(dict.fromkeys(r.dataset for r in members))
     lines = [
         f"| {first} | " + " | ".join(DATASET_TITLES.get(n, n) for n in names) + " |",
@@ -154,6 +155,14 @@ def by_dataset_table(members: list[Row], first: str) -> list[str]:
             same = [r for r in members if (r.display or r.label) == label and r.dataset == name]
             cells.append(fmt_seeds(same) if same else "-")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    quality = []
+    for name in names:
+        sources = {r.source: r.source_id for r in members if r.dataset == name and r.source is not None}
+        found = [(src, cache.get(f"{sid}-quality") or {}) for src, sid in sources.items()]
+        cells = [f"{src} {fmt(q.get('pseudo_label_miou'))} ({fmt(q.get('trivial_label_miou'))})" for src, q in found]
+        quality.append("; ".join(cells) or "-")
+    if any(cell != "-" for cell in quality):
+        lines.append("| *pseudo-labels' mIoU on train (trivial label's)* | " + " | ".join(quality) + " |")
     return lines
 
 
@@ -181,9 +190,9 @@ def tables(rows: list[Row], cache: dict[str, Any], main_level: float) -> list[st
         if group == "stage1":
             lines += stage1_table(members, cache)
         elif group == "lorm":
-            lines += by_dataset_table(members, "LoRM variant")
+            lines += by_dataset_table(members, "LoRM variant", cache)
         elif group == "geometry":
-            lines += by_dataset_table(members, "row")
+            lines += by_dataset_table(members, "row", cache)
         else:
             lines += plain_table(members, cache, multiscale=group in ("table2", "table2-external"))
         lines.append("")
