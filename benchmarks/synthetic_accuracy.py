@@ -203,9 +203,9 @@ def study_spec(args: argparse.Namespace, dataset: str) -> ExperimentSpec:
 
 def describe(args: argparse.Namespace, base: ExperimentSpec) -> list[str]:
     s2 = base.stage2
+    sha = f" (this call's file: sha256 {args.pretrained_sha256}; each row's result records its own)"
     init = (
-        f"fine-tuned from `{Path(args.pretrained).name}` (this call's file: sha256 {file_sha256(args.pretrained)}; "
-        "each row's result records its own)"
+        f"fine-tuned from `{Path(args.pretrained).name}`{sha if args.pretrained_sha256 else ''}"
         if args.pretrained
         else "from random init"
     )
@@ -348,16 +348,18 @@ def run_row(row: Row, args: argparse.Namespace, base: ExperimentSpec, cache: dic
         start = time.perf_counter()
         result = run_pipeline(spec, str(out), Runner(run=str(out), progress=False), figures=False)
         result["wall_s"] = round(time.perf_counter() - start, 1)
-        if args.pretrained:  # which backbone file it started from: re-made files are not bit-identical
-            result["pretrained_sha256"] = file_sha256(args.pretrained)
+        if args.pretrained_sha256:  # which backbone file it started from: re-made files are not bit-identical
+            result["pretrained_sha256"] = args.pretrained_sha256
     if row.group in MS_GROUPS and "miou_ms" not in result:
         result["miou_ms"] = round(multiscale_miou(spec, out / result["checkpoint"]), 4)
     runs.write_text(str(out / runs.RESULT), json.dumps(result, indent=2) + "\n")
     return result
 
 
-def file_sha256(path: str) -> str:
-    """The first 16 hex digits of a file's SHA-256."""
+def file_sha256(path: str | None) -> str | None:
+    """The first 16 hex digits of a file's SHA-256; None for no file (`none`, `imagenet`, unset)."""
+    if not path or not Path(path).is_file():
+        return None
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
@@ -395,6 +397,7 @@ def main() -> None:
     args = parser.parse_args()
     # Absolute: run folders become data.pseudo_label_dir, which a spec resolves against data.root.
     args.runs = str(Path(args.runs).resolve()) if args.runs else str(ROOT / f"runs/synthetic-accuracy-{args.size}px")
+    args.pretrained_sha256 = file_sha256(args.pretrained)
     start = time.perf_counter()
     bases = {name: study_spec(args, name) for name in DATASETS}
     args.seeds = args.seeds or [args.seed]

@@ -132,7 +132,7 @@ def fit(
     if state is not None:
         model.load_state_dict(state["model"])
     # On the runner's device before the host wraps it: the default hook is the identity, and Ray's
-    # would move it anyway. Batches follow `runner.device` too (`_to`).
+    # would move it anyway. Batches follow `runner.device` too (`batch_to`).
     model = runner.prepare_model(model.to(runner.device))
     optimizer = make_optimizer(unwrap(model))
     steps_per_epoch = len(loader)

@@ -99,7 +99,7 @@ class Reconciler:
             if not store.stale_claim(exp, utcnow(), self.settings.dispatch_grace):
                 return  # a dispatcher may be submitting it right now
             if exp.cancel_requested:
-                self._move(exp, Status.cancelled, "cancelled before it reached Ray")
+                self._move(exp, Status.cancelled, "cancelled before it reached Ray", export=False)
             else:
                 self._move(
                     exp,
@@ -257,14 +257,19 @@ class Reconciler:
         except (JobNotFound, RayError) as exc:
             log.warning("could not stop %s: %s", sid, exc)
 
-    def _move(self, exp: Experiment, to: Status, reason: str, **values: object) -> bool:
+    def _move(self, exp: Experiment, to: Status, reason: str, export: bool = True, **values: object) -> bool:
         """Record a transition; an experiment that ends here (finished, lost with its job or its cluster)
         is mirrored to MLflow once the move is committed. Experiments that end before reaching Ray
-        (cancelled in the queue, refused at dispatch) ran nothing and are not mirrored."""
+        (`export=False`; cancelled in the queue or refused at dispatch elsewhere) ran nothing and are not
+        mirrored. A failure to start the mirror is logged: MLflow never decides an experiment's fate,
+        nor stops the caller's work after the move (`fail_submitted` still records the lost job)."""
         with self.sessions.begin() as s:
             moved = store.transition(s, exp.id, to, reason, self.replica, expect=[Status(exp.status)], **values)
-        if moved and to in FINAL:
-            self._export(exp.id)
+        if moved and export and to in FINAL:
+            try:
+                self._export(exp.id)
+            except Exception:
+                log.exception("could not start the MLflow mirror of %s", exp.id)
         return moved
 
     def _update(self, exp: Experiment, **values: object) -> None:

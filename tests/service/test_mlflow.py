@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -127,7 +128,11 @@ def test_the_reconciler_exports_what_ends_when_configured(
         ctx = ctx_of(app)
         with ctx.sessions.begin() as s:
             store.update_fields(s, exp.id, status="running", submitted_at=datetime.now(UTC))
-        assert Reconciler(settings, ctx.sessions, ctx.ray).fail_submitted("lost the cluster") == [exp.id]
+        reconciler = Reconciler(settings, ctx.sessions, ctx.ray)
+        assert reconciler.fail_submitted("lost the cluster") == [exp.id]
+        assert reconciler.fail_submitted("lost the cluster") == []  # ended once: no second mirror either
+    for thread in [t for t in threading.enumerate() if t.name == f"mlflow-{exp.id}"]:
+        thread.join(60)
     ml = MlflowClient(tracking_uri=mlflow_server)
     deadline = time.monotonic() + 60
     while True:
@@ -137,4 +142,5 @@ def test_the_reconciler_exports_what_ends_when_configured(
             break
         assert time.monotonic() < deadline, "the export thread did not mirror the experiment"
         time.sleep(0.5)
+    assert len(found) == 1, "one attempt, one mirror"
     assert found[0].data.tags["cdsp.experiment_id"] == exp.id and found[0].data.metrics["final.miou"] == 12.5
