@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import suppress
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,9 +34,18 @@ AUTH_TOKEN_ENV = "RAY_AUTH_TOKEN"
 
 def free_port() -> int:
     """A TCP port nobody listens on right now (the OS picks it): the one port policy of the project."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free TCP ports. All `n` sockets stay bound until every port is chosen: ports taken
+    one after another can repeat (the OS may hand a just-closed port out again), and Ray refuses a
+    head whose components share a port."""
+    with ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 def auth_env() -> dict[str, str]:
@@ -92,12 +101,12 @@ def _is_free(port: int) -> bool:
     return True
 
 
-def _head_env(auth: dict[str, str]) -> dict[str, str]:
+def _head_env(auth: dict[str, str], metric_ports: list[int]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     # Jobs run `python -m workers.run` through a shell: this interpreter's folder comes first.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     # Ports the dashboard and the autoscaler monitor export metrics on (fixed defaults otherwise).
-    env.update(DASHBOARD_METRIC_PORT=str(free_port()), AUTOSCALER_METRIC_PORT=str(free_port()))
+    env.update(DASHBOARD_METRIC_PORT=str(metric_ports[0]), AUTOSCALER_METRIC_PORT=str(metric_ports[1]))
     env.update(auth, RAY_USAGE_STATS_ENABLED="0")
     # On SIGTERM a head first "drains" for up to 30 s so that Ray Serve can move replicas; a local
     # head has nowhere to move anything.
@@ -126,14 +135,46 @@ def start_head(
     Worker nodes can join a head started on an address they reach (`node_ip`); the dashboard stays
     on loopback.
     """
+    # Chosen ports are free when chosen, not reserved: another program may take one before Ray binds
+    # it. Such a clash ends the head at once with a message naming the port; it is started again on
+    # fresh ports (and a fresh folder), at most PORT_ATTEMPTS times.
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        try:
+            return _start_head_once(
+                num_cpus=num_cpus, num_gpus=num_gpus, dashboard=dashboard, log_path=log_path, cwd=cwd,
+                stop_with_parent=stop_with_parent, node_ip=node_ip, timeout=timeout,
+            )  # fmt: skip
+        except HeadStartError as e:
+            if attempt == PORT_ATTEMPTS or not e.port_clash:
+                raise
+    raise AssertionError("unreachable")
+
+
+PORT_ATTEMPTS = 3
+_PORT_CLASH = ("used by other components", "address already in use", "failed to bind")
+
+
+class HeadStartError(RuntimeError):
+    """The local Ray head ended or timed out before it answered."""
+
+    def __init__(self, message: str, port_clash: bool) -> None:
+        super().__init__(message)
+        self.port_clash = port_clash
+
+
+def _start_head_once(
+    *, num_cpus: int | None, num_gpus: int | None, dashboard: bool, log_path: Path | None, cwd: Path | None,
+    stop_with_parent: bool, node_ip: str, timeout: float,
+) -> tuple[Head, subprocess.Popen[bytes]]:  # fmt: skip
     # A short folder: Ray puts unix sockets under it, whose paths are limited to ~107 characters.
     temp = tempfile.mkdtemp(prefix="cdsp-ray-", dir="/tmp")
     log_path = log_path or Path(temp) / "head.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     offset = log_path.stat().st_size if log_path.exists() else 0
     auth = auth_env()
-    ports = {flag: free_port() for flag in PORT_FLAGS}
-    dashboard_port = free_port() if dashboard else None
+    chosen = free_ports(len(PORT_FLAGS) + 3)  # the flags', the dashboard's and two metrics ports
+    ports = dict(zip(PORT_FLAGS, chosen, strict=False))
+    dashboard_port = chosen[len(PORT_FLAGS)] if dashboard else None
     lo, hi = free_port_range()
     cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--disable-usage-stats"]
     cmd += [f"--{k}={v}" for k, v in ports.items()]
@@ -145,9 +186,10 @@ def start_head(
         cmd.append(f"--num-cpus={num_cpus}")
     if num_gpus is not None:
         cmd.append(f"--num-gpus={num_gpus}")
+    env = _head_env(auth, chosen[-2:])
     with log_path.open("ab") as out:
         proc = subprocess.Popen(
-            cmd, cwd=cwd, env=_head_env(auth), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, preexec_fn=_terminate_with_parent() if stop_with_parent else None,
         )  # fmt: skip
     url = f"http://127.0.0.1:{dashboard_port}" if dashboard_port else None
@@ -171,7 +213,8 @@ def _wait_started(head: Head, proc: subprocess.Popen[bytes], log: Path, offset: 
             return
         if proc.poll() is not None or time.monotonic() > deadline:
             tail = " | ".join(text.strip().splitlines()[-5:])
-            raise RuntimeError(f"the local Ray head did not start (status {proc.poll()}; log {log}): {tail}")
+            clash = proc.poll() is not None and any(m in text.lower() for m in _PORT_CLASH)
+            raise HeadStartError(f"the local Ray head did not start (status {proc.poll()}; log {log}): {tail}", clash)
         time.sleep(0.3)
 
 

@@ -39,3 +39,45 @@ def test_cluster_port_and_token_auth(ray_cluster: Any) -> None:
     assert httpx.get(jobs, timeout=10).status_code == 401
     bearer = {"Authorization": f"Bearer {os.environ[AUTH_TOKEN_ENV]}"}
     assert httpx.get(jobs, headers=bearer, timeout=10).status_code == 200
+
+
+def test_free_ports_are_distinct_and_free() -> None:
+    from cdsp_core.ray_head import free_ports
+
+    ports = free_ports(40)
+    assert len(set(ports)) == 40
+    for port in ports:  # none is held once chosen
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", port))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_head_refused_for_a_port_clash_starts_again_on_fresh_ports(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The failure CI once met: two components handed one port. Ray refuses such a head at once; it
+    is started again on fresh ports instead of failing the caller."""
+    from cdsp_core import ray_head
+
+    real, calls = ray_head.free_ports, []
+
+    def first_clashes(n: int) -> list[int]:
+        ports = real(n)
+        if not calls:  # object manager and dashboard agent on one port, as in the CI log
+            ports[ray_head.PORT_FLAGS.index("dashboard-agent-listen-port")] = ports[
+                ray_head.PORT_FLAGS.index("object-manager-port")
+            ]
+        calls.append(ports)
+        return ports
+
+    monkeypatch.setattr(ray_head, "free_ports", first_clashes)
+    log = tmp_path / "head.log"
+    head, proc = ray_head.start_head(num_cpus=1, dashboard=False, log_path=log, timeout=90)
+    try:
+        assert len(calls) == 2 and proc.poll() is None
+        assert head.gcs_address.endswith(f":{calls[1][0]}")
+        assert "used by other components" in log.read_text()
+    finally:
+        ray_head.stop_head(head, proc)

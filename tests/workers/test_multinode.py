@@ -34,7 +34,7 @@ import pytest
 
 from cdsp_core import runs
 from cdsp_core.data.layout import Layout, read_ids
-from cdsp_core.ray_head import Head, free_port, free_port_range, pid_alive, start_head, stop_head
+from cdsp_core.ray_head import Head, free_port_range, free_ports, pid_alive, start_head, stop_head
 from tests.s3 import S3Server
 from tests.workers.helpers import REPO, tiny_spec
 
@@ -118,7 +118,7 @@ def start_node(head: Head, host: Host, env: dict[str, str], log: Path) -> Node:
     if host.netns is None:  # sharing the port space with the head: every port explicit and free
         flags = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
                  "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")  # fmt: skip
-        cmd += [f"--{f}={free_port()}" for f in flags]
+        cmd += [f"--{f}={p}" for f, p in zip(flags, free_ports(len(flags)), strict=True)]
         lo, hi = free_port_range()
         cmd += [f"--min-worker-port={lo}", f"--max-worker-port={hi}"]
     node_env = {**env, **head.auth_env(), "TMPDIR": str(temp / "tmp"), "RAY_USAGE_STATS_ENABLED": "0"}
