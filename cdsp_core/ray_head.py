@@ -32,20 +32,39 @@ AUTH_MODE_ENV = "RAY_AUTH_MODE"
 AUTH_TOKEN_ENV = "RAY_AUTH_TOKEN"
 
 
+# Ports we choose come from here: below the run of worker ports (20000-30000) and below Linux's
+# ephemeral range (32768-60999), from which the OS hands out ports to `bind(0)` and to outgoing
+# connections, so that no program's connection can take a chosen port before its owner binds it.
+PORT_RANGE = (10000, 20000)
+_random = random.SystemRandom()  # independent of any seed a caller sets
+
+
 def free_port() -> int:
-    """A TCP port nobody listens on right now (the OS picks it): the one port policy of the project."""
+    """A TCP port nobody listens on right now: the one port policy of the project."""
     return free_ports(1)[0]
 
 
 def free_ports(n: int) -> list[int]:
-    """`n` distinct free TCP ports. All `n` sockets stay bound until every port is chosen: ports taken
-    one after another can repeat (the OS may hand a just-closed port out again), and Ray refuses a
-    head whose components share a port."""
+    """`n` distinct free TCP ports from PORT_RANGE, drawn at random. Each is checked by binding it on
+    every address, and all stay bound until all are chosen, so none repeats (Ray refuses a head
+    whose components share a port)."""
+    chosen: list[int] = []
+    tried: set[int] = set()
     with ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
+        while len(chosen) < n:
+            if len(tried) >= 2000:
+                raise RuntimeError(f"fewer than {n} free ports between {PORT_RANGE[0]} and {PORT_RANGE[1]}")
+            port = _random.randrange(*PORT_RANGE)
+            if port in tried:
+                continue
+            tried.add(port)
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            try:
+                sock.bind(("", port))
+            except OSError:
+                continue
+            chosen.append(port)
+    return chosen
 
 
 def auth_env() -> dict[str, str]:
@@ -86,7 +105,7 @@ class Head:
 def free_port_range(n: int = 200) -> tuple[int, int]:
     """A run of `n` free ports for Ray's worker processes, away from the ephemeral range."""
     for _ in range(50):
-        lo = random.randrange(20000, 30000 - n)
+        lo = _random.randrange(20000, 30000 - n)
         if all(_is_free(p) for p in range(lo, lo + n, 10)):
             return lo, lo + n - 1
     raise RuntimeError("no free port range for Ray workers between 20000 and 30000")

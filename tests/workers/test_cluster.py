@@ -42,10 +42,12 @@ def test_cluster_port_and_token_auth(ray_cluster: Any) -> None:
 
 
 def test_free_ports_are_distinct_and_free() -> None:
-    from cdsp_core.ray_head import free_ports
+    from cdsp_core.ray_head import PORT_RANGE, free_ports
 
     ports = free_ports(40)
     assert len(set(ports)) == 40
+    # Away from the OS's ephemeral ports, which outgoing connections and bind(0) take.
+    assert all(PORT_RANGE[0] <= p < PORT_RANGE[1] for p in ports)
     for port in ports:  # none is held once chosen
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind(("127.0.0.1", port))
