@@ -158,15 +158,42 @@ def start_head(
     # it. Such a clash ends the head at once with a message naming the port; it is started again on
     # fresh ports (and a fresh folder), at most PORT_ATTEMPTS times.
     for attempt in range(1, PORT_ATTEMPTS + 1):
-        try:
-            return _start_head_once(
-                num_cpus=num_cpus, num_gpus=num_gpus, dashboard=dashboard, log_path=log_path, cwd=cwd,
-                stop_with_parent=stop_with_parent, node_ip=node_ip, timeout=timeout,
+        # A short folder: Ray puts unix sockets under it, whose paths are limited to ~107 characters.
+        temp = tempfile.mkdtemp(prefix="cdsp-ray-", dir="/tmp")
+        log = log_path or Path(temp) / "head.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        offset = log.stat().st_size if log.exists() else 0
+        auth = auth_env()
+        chosen = free_ports(len(PORT_FLAGS) + 3)  # the flags', the dashboard's and two metrics ports
+        ports = dict(zip(PORT_FLAGS, chosen, strict=False))
+        dashboard_port = chosen[len(PORT_FLAGS)] if dashboard else None
+        lo, hi = free_port_range()
+        cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--disable-usage-stats"]
+        cmd += [f"--{k}={v}" for k, v in ports.items()]
+        cmd += [f"--node-ip-address={node_ip}", f"--min-worker-port={lo}", f"--max-worker-port={hi}"]
+        cmd += [f"--temp-dir={temp}", f"--include-dashboard={str(dashboard).lower()}"]
+        if dashboard_port is not None:
+            cmd += ["--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
+        if num_cpus is not None:
+            cmd.append(f"--num-cpus={num_cpus}")
+        if num_gpus is not None:
+            cmd.append(f"--num-gpus={num_gpus}")
+        env = _head_env(auth, chosen[-2:])
+        with log.open("ab") as out:
+            proc = subprocess.Popen(
+                cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, preexec_fn=_terminate_with_parent() if stop_with_parent else None,
             )  # fmt: skip
-        except HeadStartError as e:
-            if attempt == PORT_ATTEMPTS or not e.port_clash:
+        url = f"http://127.0.0.1:{dashboard_port}" if dashboard_port else None
+        head = Head(proc.pid, f"{node_ip}:{ports['port']}", url, auth.get(AUTH_TOKEN_ENV), temp)
+        try:
+            _wait_started(head, proc, log, offset, timeout)
+            return head, proc
+        except BaseException as e:
+            stop_head(head, proc)
+            if not (isinstance(e, HeadStartError) and e.port_clash and attempt < PORT_ATTEMPTS):
                 raise
-    raise AssertionError("unreachable")
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 PORT_ATTEMPTS = 3
@@ -179,46 +206,6 @@ class HeadStartError(RuntimeError):
     def __init__(self, message: str, port_clash: bool) -> None:
         super().__init__(message)
         self.port_clash = port_clash
-
-
-def _start_head_once(
-    *, num_cpus: int | None, num_gpus: int | None, dashboard: bool, log_path: Path | None, cwd: Path | None,
-    stop_with_parent: bool, node_ip: str, timeout: float,
-) -> tuple[Head, subprocess.Popen[bytes]]:  # fmt: skip
-    # A short folder: Ray puts unix sockets under it, whose paths are limited to ~107 characters.
-    temp = tempfile.mkdtemp(prefix="cdsp-ray-", dir="/tmp")
-    log_path = log_path or Path(temp) / "head.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    offset = log_path.stat().st_size if log_path.exists() else 0
-    auth = auth_env()
-    chosen = free_ports(len(PORT_FLAGS) + 3)  # the flags', the dashboard's and two metrics ports
-    ports = dict(zip(PORT_FLAGS, chosen, strict=False))
-    dashboard_port = chosen[len(PORT_FLAGS)] if dashboard else None
-    lo, hi = free_port_range()
-    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--disable-usage-stats"]
-    cmd += [f"--{k}={v}" for k, v in ports.items()]
-    cmd += [f"--node-ip-address={node_ip}", f"--min-worker-port={lo}", f"--max-worker-port={hi}"]
-    cmd += [f"--temp-dir={temp}", f"--include-dashboard={str(dashboard).lower()}"]
-    if dashboard_port is not None:
-        cmd += ["--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
-    if num_cpus is not None:
-        cmd.append(f"--num-cpus={num_cpus}")
-    if num_gpus is not None:
-        cmd.append(f"--num-gpus={num_gpus}")
-    env = _head_env(auth, chosen[-2:])
-    with log_path.open("ab") as out:
-        proc = subprocess.Popen(
-            cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, preexec_fn=_terminate_with_parent() if stop_with_parent else None,
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{dashboard_port}" if dashboard_port else None
-    head = Head(proc.pid, f"{node_ip}:{ports['port']}", url, auth.get(AUTH_TOKEN_ENV), temp)
-    try:
-        _wait_started(head, proc, log_path, offset, timeout)
-    except BaseException:
-        stop_head(head, proc)
-        raise
-    return head, proc
 
 
 def _wait_started(head: Head, proc: subprocess.Popen[bytes], log: Path, offset: int, timeout: float) -> None:
