@@ -157,13 +157,13 @@ def start_head(
     # Chosen ports are free when chosen, not reserved: another program may take one before Ray binds
     # it. Such a clash ends the head at once with a message naming the port; it is started again on
     # fresh ports (and a fresh folder), at most PORT_ATTEMPTS times.
+    auth = auth_env()
     for attempt in range(1, PORT_ATTEMPTS + 1):
         # A short folder: Ray puts unix sockets under it, whose paths are limited to ~107 characters.
         temp = tempfile.mkdtemp(prefix="cdsp-ray-", dir="/tmp")
         log = log_path or Path(temp) / "head.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         offset = log.stat().st_size if log.exists() else 0
-        auth = auth_env()
         chosen = free_ports(len(PORT_FLAGS) + 3)  # the flags', the dashboard's and two metrics ports
         ports = dict(zip(PORT_FLAGS, chosen, strict=False))
         dashboard_port = chosen[len(PORT_FLAGS)] if dashboard else None
