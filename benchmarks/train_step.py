@@ -13,6 +13,9 @@ Steps (each in a fresh process, same initial weights, same batch, SGD with momen
   upsampled once for all terms).
 - ours+compile: the same model under `torch.compile` (with --compile).
 
+After the timed steps, each step is profiled (torch.profiler, `--profile` steps): its top kernels
+by self time on the device say where the time goes.
+
 Both steps compute the loss of the same batch from the same weights (dropout off): the two loss
 values are reported side by side. Model FLOPs per image are counted with
 `torch.utils.flop_counter` (forward + backward); MFU is achieved FLOP/s over the measured dense
@@ -132,7 +135,62 @@ def child(impl: str, args: argparse.Namespace, device: torch.device) -> None:
     except torch.OutOfMemoryError as exc:
         emit({"impl": impl, "error": f"out of memory: {str(exc).splitlines()[0]}"})
         return
-    emit({"impl": impl, "first_loss": first_loss, "times_s": times, **mem})
+    emit({"impl": impl, "first_loss": first_loss, "times_s": times, **mem, **profile(step, device, args.profile)})
+
+
+def profile(step: Any, device: torch.device, steps: int, top: int = 12) -> dict[str, Any]:
+    """Where a step's time goes: torch.profiler over `steps` more steps, the `top` operators and
+    kernels by self time on the device (CUDA kernels on a GPU, operators on CPU), per step."""
+    if steps <= 0:
+        return {}
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    try:
+        with torch_profile(activities=activities) as prof:
+            for _ in range(steps):
+                step()
+            sync(device)
+        events = prof.key_averages()
+    except Exception as exc:  # a profiler that cannot start (no CUPTI, say) must not lose the timings
+        return {"profile_error": f"{type(exc).__name__}: {exc}"[:300]}
+
+    def self_us(e: Any) -> float:
+        if cuda:
+            return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0))
+        return float(e.self_cpu_time_total)
+
+    total = sum(self_us(e) for e in events) or 1.0
+    rows = sorted(events, key=self_us, reverse=True)[:top]
+    top_rows = [{"name": e.key, "ms_per_step": self_us(e) / 1e3 / steps, "percent": 100 * self_us(e) / total,
+                 "calls_per_step": e.count / steps} for e in rows]  # fmt: skip
+    return {
+        "profile_steps": steps,
+        "profile_clock": "device (CUDA kernels)" if cuda else "CPU (operators)",
+        "profile_ms_per_step": total / 1e3 / steps,
+        "profile_top": top_rows,
+    }
+
+
+def profile_markdown(records: dict[str, dict[str, Any]]) -> str:
+    """Each step's profile (where present) as a table of its top kernels."""
+    md = ""
+    for impl, r in records.items():
+        if "profile_error" in r:
+            md += f"\nProfile of {impl}: the profiler failed ({r['profile_error']}).\n"
+        if "profile_top" not in r:
+            continue
+        md += (
+            f"\nWhere the time of '{impl}' goes (torch.profiler, {r['profile_steps']} steps, self time on the "
+            f"{r['profile_clock']}; {r['profile_ms_per_step']:.1f} ms per step in all):\n\n"
+        )
+        md += table(["kernel / operator", "ms per step", "%", "calls per step"],
+                    [[t["name"][:90], f"{t['ms_per_step']:.2f}", f"{t['percent']:.1f}", f"{t['calls_per_step']:.0f}"]
+                     for t in r["profile_top"]])  # fmt: skip
+        md += "\n"
+    return md
 
 
 def loss_agreement(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
@@ -215,6 +273,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=None, help="timed steps; default 20 on CUDA, 5 on CPU")
     parser.add_argument("--compile", action="store_true", help="also time ours under torch.compile")
+    parser.add_argument("--profile", type=int, default=None,
+                        help="steps profiled after the timed ones (top kernels); default 3, 0 = off")  # fmt: skip
     parser.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -223,13 +283,14 @@ def main() -> None:
     args.crop = args.crop or (465 if cuda else 129)
     args.batch = args.batch or (16 if cuda else 2)
     args.repeat = args.repeat or (20 if cuda else 5)
+    args.profile = 3 if args.profile is None else args.profile
     if args.child:
         child(args.child, args, device)
         return
 
     common = ["--device", args.device, "--backbone", args.backbone, "--output-stride", str(args.output_stride),
               "--crop", str(args.crop), "--batch", str(args.batch), "--warmup", str(args.warmup),
-              "--repeat", str(args.repeat)]  # fmt: skip
+              "--repeat", str(args.repeat), "--profile", str(args.profile)]  # fmt: skip
     impls = [i for i in IMPLS if i != "ours+compile" or args.compile]
     records = {i: run_isolated("benchmarks.train_step", [*common, "--child", i], timeout=1800) for i in impls}
     flops = count_flops(args, device)
@@ -269,6 +330,7 @@ def main() -> None:
         f"({loader['image_size']} px synthetic images, crop {args.crop}, URSS augmentation, on-the-fly d_s and d_c); "
         "'loader cores' = images/s of the step / that rate, the loader workers the device needs to stay busy.\n"
     )
+    md += profile_markdown(records)
     if not cuda:
         md += (
             "\nOn CPU the engine keeps autocast off, so 'ours' differs from 'official' by channels_last, the fused "

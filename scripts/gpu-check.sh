@@ -1,25 +1,54 @@
 #!/usr/bin/env bash
 # The one prepared GPU check: set up, run the CUDA-only tests, the GPU benchmarks and a short GPU
-# pipeline, write every result under benchmarks/results/*-<gpu>.{md,json} (and $OUT when set), and
-# print a summary table last. Sized for at most 8 minutes on one H100/H200-class GPU.
+# pipeline, write every result under benchmarks/results/*-<gpu>.{md,json}, and print a summary table
+# last. Sized for at most 8 minutes on one H100/H200-class GPU, and it ends inside GPU_CHECK_BUDGET
+# seconds (default 560) whatever happens: a part that would start too late is reported as skipped.
 #
 #   bash scripts/gpu-check.sh              # on a CUDA machine
+#   bash scripts/gpu-check.sh --only train-step,lorm   # some parts (cuda-tests, train-step, lorm,
+#                                          # loader, pipeline); the set-up always runs
 #   bash scripts/gpu-check.sh --dry-run    # anywhere (CI runs it): tiny sizes on CPU, CUDA parts
 #                                          # reported as skipped with the reason; results go to a
 #                                          # temporary folder (or $OUT), never over the committed ones
 #   PYTHON_BIN=/path/python bash scripts/gpu-check.sh   # use an interpreter that already has torch
 #                                          # with CUDA (and the project's dependencies) instead of .venv
+# With a .gpu-pack/ folder (scripts/gpu-pack.py), the set-up is the pack on top of the machine's own
+# python3 (BASE_PYTHON to name another): no package index needed. GPU_PACK=DIR names a pack (also
+# for a --dry-run, which otherwise ignores .gpu-pack/). With OUT=DIR, DIR receives the summary and
+# one gpu-check-<gpu>.tar.gz holding the result files this run wrote and each part's log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-DRY=0
-[ "${1:-}" = "--dry-run" ] && DRY=1
+DRY=0 ONLY="" ARGS="$*"
+while [ $# -gt 0 ]; do
+  case $1 in
+    --dry-run) DRY=1 ;;
+    --only) ONLY=${2:?--only needs a comma-separated list of parts}; shift ;;
+    --only=*) ONLY=${1#--only=} ;;
+    *) echo "error: unknown argument: $1 (expected --dry-run, --only PART[,PART...])" >&2; exit 2 ;;
+  esac
+  shift
+done
+PARTS="cuda-tests train-step lorm loader pipeline"
+for part in ${ONLY//,/ }; do
+  [[ " $PARTS " == *" $part "* ]] || { echo "error: --only: no part named '$part' (parts: $PARTS)" >&2; exit 2; }
+done
 T0=$(date +%s)
+# The whole check ends inside this many seconds, summary included (the device tool stops a command
+# at 600 s, and what a killed command printed last is lost): each part gets what is left.
+BUDGET=${GPU_CHECK_BUDGET:-560}
 SUMMARY=$(mktemp)
+LOGS=$(mktemp -d)
+STAMP=$(mktemp)  # result files newer than this one were written by this run
+wanted() { [ "$1" = setup ] || [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]; }
 step() {  # step NAME TIMEOUT_S COMMAND...: run one part, record status, seconds and its last line
   local name=$1 limit=$2; shift 2
-  local t log rc
+  local t log rc left
+  if ! wanted "$name"; then skip "$name" "not in --only $ONLY"; return; fi
+  left=$((T0 + BUDGET - $(date +%s) - 20))
+  if [ "$left" -lt 15 ]; then skip "$name" "out of time (GPU_CHECK_BUDGET=$BUDGET s)"; return; fi
+  [ "$left" -lt "$limit" ] && limit=$left
   t=$(date +%s)
-  log=$(mktemp)
+  log=$LOGS/$name.log
   echo "== $name: $*"
   timeout "$limit" "$@" >"$log" 2>&1
   rc=$?
@@ -28,21 +57,33 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run one part, record status, seconds
   [ $rc -eq 124 ] && status="timed out (${limit} s)"
   [ $rc -ne 0 ] && [ $rc -ne 124 ] && status="failed (rc $rc)"
   printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$(($(date +%s) - t))" "$(grep -v '^\s*$' "$log" | tail -n 1 | cut -c1-110)" >>"$SUMMARY"
-  [ -n "${OUT:-}" ] && cp "$log" "$OUT/gpu-check-$name.log" 2>/dev/null
-  rm -f "$log"
 }
 skip() { printf '%s\tskipped\t0\t%s\n' "$1" "$2" >>"$SUMMARY"; }
 
-# 1. Set-up: the README's (.venv from scripts/setup.sh), or an interpreter given in PYTHON_BIN.
+# 1. Set-up. On a GPU machine with no package index (the lent H200: its python3 holds a CUDA torch,
+# nothing can be fetched): the pack that `python3 scripts/gpu-pack.py` builds here, carried as
+# .gpu-pack/, unpacked into a temporary folder behind the repository on PYTHONPATH. Or an interpreter
+# given in PYTHON_BIN that has everything. Otherwise the README's (.venv from scripts/setup.sh).
 if [ -n "${PYTHON_BIN:-}" ]; then
   PY=$PYTHON_BIN
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   skip setup "PYTHON_BIN=$PY given"
+elif [ -n "${GPU_PACK:-}" ] || { [ "$DRY" = 0 ] && [ -d .gpu-pack ]; }; then
+  PY=$(command -v "${BASE_PYTHON:-python3}") || { echo "error: no ${BASE_PYTHON:-python3} on PATH" >&2; exit 2; }
+  SITE=${TMPDIR:-/tmp}/cdsp-gpu-site
+  export PYTHONPATH="$PWD:$SITE"
+  step setup 300 bash scripts/gpu-pack-install.sh "$PY" "${GPU_PACK:-.gpu-pack}" "$SITE"
 else
   step setup 600 bash scripts/setup.sh
   PY=.venv/bin/python
 fi
 export PATH="$(dirname "$PY"):$PATH"
+if grep -q $'^setup\tfailed\|^setup\ttimed out' "$SUMMARY"; then
+  echo "error: the set-up failed (its output is above); nothing else was run" >&2
+  cat "$SUMMARY" >&2
+  [ -n "${OUT:-}" ] && mkdir -p "$OUT" && cp "$LOGS/setup.log" "$OUT/gpu-check-setup.log"
+  exit 1
+fi
 HAS_CUDA=$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null || echo 0)
 GPU=$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")' 2>/dev/null || echo none)
 if [ "$DRY" = 0 ] && [ "$HAS_CUDA" != 1 ]; then
@@ -78,7 +119,7 @@ fi
 DATA=$(mktemp -d)
 TRAIN=64
 [ "$DRY" = 1 ] && TRAIN=16
-"$PY" -m service.cli data synth --root "$DATA/synth" --no-preview --size 65 --train $TRAIN --val 8 --classes 5 >/dev/null 2>&1
+wanted pipeline && "$PY" -m service.cli data synth --root "$DATA/synth" --no-preview --size 65 --train $TRAIN --val 8 --classes 5 >/dev/null 2>&1
 if [ "$DRY" = 1 ]; then
   step pipeline 300 "$PY" -m service.cli run configs/synthetic-demo.yaml --out "$DATA/run" --no-progress \
     --set "data.root=$DATA/synth" --set stage1.epochs=1 --set stage1.rounds=1 --set stage2.epochs=1 \
@@ -89,20 +130,29 @@ else
 fi
 [ -f "$DATA/run/result.json" ] && cp "$DATA/run/result.json" "$RESULTS/gpu-check-pipeline-result.json"
 
-# 5. The summary, last; also as a Markdown file beside the results.
+# 5. The summary, last; also as a Markdown file beside the results. With $OUT: the summary and one
+# gpu-check-<gpu>.tar.gz of the result files this run wrote and every part's log (the device tool
+# returns at most 8 files).
 TAG=$(echo "$GPU" | tr 'A-Z ' 'a-z-' | sed 's/^nvidia-//')
 [ "$DRY" = 1 ] && TAG="$TAG-dry-run"
 MD="$RESULTS/gpu-check-$TAG.md"
+COMMIT=${GPU_CHECK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 {
   echo "# GPU check ($GPU$([ "$DRY" = 1 ] && echo ', dry run on CPU'))"
   echo
-  echo "Command: \`bash scripts/gpu-check.sh${1:+ $1}\`; $(date -u '+%Y-%m-%d %H:%M UTC'); commit $(git rev-parse --short HEAD 2>/dev/null); total $(($(date +%s) - T0)) s"
+  echo "Command: \`bash scripts/gpu-check.sh${ARGS:+ $ARGS}\`; $(date -u '+%Y-%m-%d %H:%M UTC'); commit $COMMIT; total $(($(date +%s) - T0)) s of a $BUDGET s budget"
   echo
   echo "| part | status | seconds | last line |"
   echo "|---|---|---|---|"
   awk -F'\t' '{gsub(/\|/, "/", $4); printf "| %s | %s | %s | %s |\n", $1, $2, $3, $4}' "$SUMMARY"
 } >"$MD"
-[ -n "${OUT:-}" ] && [ "$RESULTS" != "$OUT/results" ] && cp "$RESULTS"/*.md "$RESULTS"/*.json "$OUT"/ 2>/dev/null
+if [ -n "${OUT:-}" ]; then
+  mkdir -p "$OUT"
+  cp "$MD" "$OUT/" 2>/dev/null
+  mkdir -p "$LOGS/results"
+  find "$RESULTS" -maxdepth 1 -type f -newer "$STAMP" -exec cp {} "$LOGS/results/" \;
+  tar -czf "$OUT/gpu-check-$TAG.tar.gz" -C "$LOGS" .
+fi
 echo
 cat "$MD"
 grep -q $'\tfailed\|\ttimed out' "$SUMMARY" && exit 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,14 @@ def test_the_gpu_check_dry_run_completes_on_cpu(tmp_path: Path) -> None:
         assert " | ok | " in rows[part], rows.get(part)
     assert "no CUDA device" in proc.stdout  # the skip reason is shown
     assert "skipped" in rows["cuda-tests"]
+    assert " of a 560 s budget" in summary
     for name in ("train_step-cpu.md", "lorm-cpu.md", "loader-cpu.md", "gpu-check-pipeline-result.json"):
         assert (tmp_path / "results" / name).is_file(), name
+    assert "Where the time of 'ours' goes" in (tmp_path / "results" / "train_step-cpu.md").read_text()  # the profile
+    # What the device tool brings back (at most 8 files): the summary and one archive of results and logs.
+    with tarfile.open(tmp_path / "gpu-check-none-dry-run.tar.gz") as tf:
+        names = set(tf.getnames())
+    assert {"./setup.log", "./train-step.log", "./pipeline.log", "./results/train_step-cpu.json"} <= names, names
+    assert (tmp_path / "gpu-check-none-dry-run.md").is_file()
     assert proc.stdout.rstrip().splitlines()[-1].startswith("| pipeline | ok")  # the summary table comes last
     assert {p.name: p.stat().st_mtime for p in (REPO / "benchmarks/results").glob("*")} == committed
