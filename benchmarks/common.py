@@ -74,17 +74,21 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(name: str, device: torch.device, payload: dict[str, Any], markdown: str) -> tuple[Path, Path]:
-    """benchmarks/results/<name>-<device>.{json,md}, each with the device, versions and command."""
+def write_results(
+    name: str, device: torch.device, payload: dict[str, Any], markdown: str, tag: str | None = None
+) -> tuple[Path, Path]:
+    """benchmarks/results/<name>-<tag>.{json,md}, each with the device, versions and command; the tag
+    is the device's (`device_name`) unless given."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = f"{name}-{device_name(device)}"
+    tag = tag or device_name(device)
+    stem = f"{name}-{tag}"
     env = environment(device)
     command = " ".join([Path(sys.executable).name, *sys.argv])
     body = {"benchmark": name, "command": command, "environment": env, **payload}
     json_path = RESULTS / f"{stem}.json"
     json_path.write_text(json.dumps(body, indent=2, default=str) + "\n")
     md_path = RESULTS / f"{stem}.md"
-    header = [f"# {name} ({device_name(device)})", "", f"Command: `{command}`", ""]
+    header = [f"# {name} ({tag})", "", f"Command: `{command}`", ""]
     header += [f"- {k}: {v}" for k, v in env.items()] + [""]
     md_path.write_text("\n".join(header) + markdown.rstrip() + "\n")
     return json_path, md_path

@@ -4,7 +4,11 @@
 
 Forward + backward of the rectification and the LoRM loss (Eq. 10-13), given F, Q, K of shape
 (B, C, s, s) and a foreground mask: time per iteration (median) and peak memory, each
-configuration in a fresh process (see `benchmarks/measure.py` for how memory is measured).
+configuration in a fresh process (see `benchmarks/measure.py` for how memory is measured). The
+peak is also given in units of the feature map F (B·C·hw in the row's dtype): an O(C·hw) form keeps
+that ratio flat as hw grows (it includes the gradients of F, Q and K, three maps any form must
+allocate), the explicit form's ratio grows with hw. The result files are rewritten after every
+configuration, so a run stopped early keeps what it measured.
 
 Rows:
 - explicit fp32: the official code's way (`benchmarks/official.py`): Q Kᵀ, the matrix of norm
@@ -40,13 +44,15 @@ IMPLS = ("explicit-fp32", "fused-fp32", "fused-bf16")
 
 def make_inputs(impl: str, b: int, c: int, s: int, device: torch.device, seed: int = 0) -> dict[str, Any]:
     """F, Q, K as leaf tensors (what layer4 and the 1x1 convs hand to LoRM), a mask, delta."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)  # drawn where they are used: GBs at 129², B=16
     dtype = torch.bfloat16 if impl.endswith("bf16") else torch.float32
     fmt = torch.contiguous_format if impl.startswith("explicit") else torch.channels_last
     x = {}
     for name in ("f", "q", "k"):
-        t = torch.randn(b, c, s, s, generator=g).relu() if name == "f" else torch.randn(b, c, s, s, generator=g)
-        x[name] = t.to(device, dtype).contiguous(memory_format=fmt).requires_grad_()
+        t = torch.randn(b, c, s, s, generator=g, device=device)
+        t = t.relu_() if name == "f" else t
+        x[name] = t.to(dtype).contiguous(memory_format=fmt).requires_grad_()
+        del t
     yy, xx = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
     blob = ((yy - s / 2) ** 2 + (xx - s / 2) ** 2) < (s / 3) ** 2  # a round foreground object
     x["mask"] = blob.expand(b, s, s).to(device)
@@ -137,59 +143,87 @@ def main() -> None:
     batch = args.batch or (16 if cuda else 1)
     channels = args.channels or ([2048] if cuda else [256, 2048])
     max_gflop = args.max_gflop if args.max_gflop is not None else (float("inf") if cuda else 2000.0)
-    rows, records = [], []
+    # The cheap parts first, so that every partial result file already holds them.
+    agreement = check_agreement(min(batch, 2), min(channels), min(args.sizes), device)
+    backends = {
+        str(dt).removeprefix("torch."): sdpa_backends(device, dt, max(channels))
+        for dt in (torch.float32, torch.bfloat16)
+    }
+    if cuda:
+        torch.cuda.empty_cache()  # the children measure on the same GPU
+    total = len(channels) * len(args.sizes) * len(args.impls)
+    records: list[dict[str, Any]] = []
     for c in channels:
         for s in args.sizes:
             gflop = attention_gflop(batch, c, s)
-            per_impl: dict[str, dict[str, Any]] = {}
             for impl in args.impls:
                 if gflop > max_gflop:
                     r: dict[str, Any] = {"error": f"skipped: {gflop:,.0f} GFLOP > --max-gflop {max_gflop:,.0f}"}
                 else:
                     child_args = ["--device", args.device, "--repeat", str(repeat), "--child", impl]
                     r = run_isolated("benchmarks.lorm", [*child_args, str(batch), str(c), str(s)], args.timeout)
-                per_impl[impl] = r
                 rec = {"impl": impl, "batch": batch, "channels": c, "size": s, "hw": s * s, "gflop": gflop, **r}
+                rec["feature_map_mib"] = batch * c * s * s * (2 if impl.endswith("bf16") else 4) / 2**20
                 if "times_s" in r:
                     rec["ms"] = 1000 * median(r["times_s"])
                     rec["gflop_per_s"] = gflop / median(r["times_s"])
                 records.append(rec)
                 done = f"{rec['ms']:.1f} ms, {r['peak_mib']:.0f} MiB" if "times_s" in r else r.get("error")
                 print(f"C={c} {s}² {impl}: {done}", flush=True)
-            ref = per_impl.get("explicit-fp32", {})
-            for impl, r in per_impl.items():
-                if "times_s" not in r:
-                    rows.append([c, f"{s}²", impl, r.get("error", "")[:60], "", "", "", ""])
-                    continue
-                ms, mib = 1000 * median(r["times_s"]), r["peak_mib"]
-                speed = mem = ""
-                if "times_s" in ref and impl != "explicit-fp32":
-                    speed = f"{median(ref['times_s']) / median(r['times_s']):.2f}x"
-                    mem = f"{ref['peak_mib'] / max(mib, 1e-9):.1f}x"
-                rows.append(
-                    [c, f"{s}²", impl, f"{ms:.1f}", f"{gflop / median(r['times_s']):.0f}", f"{mib:.0f}", speed, mem]
-                )
-    agreement = check_agreement(min(batch, 2), min(channels), min(args.sizes), device)
-    headers = ["C", "s²", "implementation", "ms / iter", "GFLOP/s", "peak MiB", "speed-up", "memory saving"]
+                report(args, device, batch, channels, repeat, records, agreement, backends, total)
+    md, json_path, md_path = report(args, device, batch, channels, repeat, records, agreement, backends, total)
+    print(md)
+    print(f"wrote {json_path} and {md_path}")
+
+
+def report(
+    args: argparse.Namespace,
+    device: torch.device,
+    batch: int,
+    channels: list[int],
+    repeat: int,
+    records: list[dict[str, Any]],
+    agreement: dict[str, float],
+    backends: dict[str, list[str]],
+    total: int,
+) -> tuple[str, Path, Path]:
+    """Write the result files for the configurations measured so far; returns the Markdown and paths."""
+    cuda = device.type == "cuda"
+    rows = []
+    for rec in records:
+        ref = next((r for r in records if r["impl"] == "explicit-fp32" and (r["channels"], r["size"]) ==
+                    (rec["channels"], rec["size"])), {})  # fmt: skip
+        c, s, impl = rec["channels"], rec["size"], rec["impl"]
+        if "times_s" not in rec:
+            rows.append([c, f"{s}²", impl, rec.get("error", "")[:60], "", "", "", "", ""])
+            continue
+        speed = mem = ""
+        if "times_s" in ref and impl != "explicit-fp32":
+            speed = f"{ref['ms'] / rec['ms']:.2f}x"
+            mem = f"{ref['peak_mib'] / max(rec['peak_mib'], 1e-9):.1f}x"
+        per_f = rec["peak_mib"] / rec["feature_map_mib"]
+        rows.append([c, f"{s}²", impl, f"{rec['ms']:.1f}", f"{rec['gflop_per_s']:.0f}", f"{rec['peak_mib']:.0f}",
+                     f"{per_f:.1f}", speed, mem])  # fmt: skip
+    headers = ["C", "s²", "implementation", "ms / iter", "GFLOP/s", "peak MiB", "peak / F", "speed-up", "memory saving"]
     md = f"LoRM forward + backward (rectification and Eq. 13 loss), B={batch}, on {args.device}"
     md += " (no GPU in this run)" if not cuda else ""
-    md += f"; median of {repeat} iterations after a warm-up; each configuration in a fresh process.\n\n"
-    md += table(headers, rows)
+    md += f"; median of {repeat} iterations after a warm-up; each configuration in a fresh process."
+    if len(records) < total:
+        md += f" **Partial: {len(records)} of {total} configurations measured so far.**"
+    md += "\n\n" + table(headers, rows)
     method = next((r["method"] for r in records if "method" in r), "")
-    backends = {
-        str(dt).removeprefix("torch."): sdpa_backends(device, dt, max(channels))
-        for dt in (torch.float32, torch.bfloat16)
-    }
     md += f"\n\nPeak memory: {method}. Speed-up and memory saving are against explicit fp32 (the official way)."
+    md += "\n'peak / F': the peak over the size of the feature map F (B·C·hw in the row's dtype); it includes "
+    md += "the gradients of F, Q and K (3 F). Flat across sizes: O(C·hw); growing with hw: O(hw²)."
     md += f"\nGFLOP/s counts the nominal attention matrix FLOPs (12·B·hw²·C per iteration). SDPA backends: {backends}."
     md += "\n\nAgreement with the explicit fp32 result (max |difference| / max |value|, "
     md += f"B={min(batch, 2)}, C={min(channels)}, {min(args.sizes)}²): "
     md += ", ".join(f"{k} {v:.1e}" for k, v in agreement.items()) + "\n"
-    print(md)
     payload = {"batch": batch, "channels": channels, "sizes": args.sizes, "repeat": repeat, "results": records,
-               "agreement": agreement, "sdpa_backends": backends, "memory_method": method}  # fmt: skip
+               "complete": len(records) == total, "agreement": agreement, "sdpa_backends": backends,
+               "memory_method": method}  # fmt: skip
     json_path, md_path = write_results("lorm", device, payload, md)
-    print(f"wrote {json_path} and {md_path}")
+    return md, json_path, md_path
 
 
 if __name__ == "__main__":

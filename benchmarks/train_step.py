@@ -14,7 +14,8 @@ Steps (each in a fresh process, same initial weights, same batch, SGD with momen
 - ours+compile: the same model under `torch.compile` (with --compile).
 
 After the timed steps, each step is profiled (torch.profiler, `--profile` steps): its top kernels
-by self time on the device say where the time goes.
+by self time on the device say where the time goes. The result files are rewritten after each
+step (the figures all rows share first), so a run stopped early keeps the steps it measured.
 
 Both steps compute the loss of the same batch from the same weights (dropout off): the two loss
 values are reported side by side. Model FLOPs per image are counted with
@@ -275,6 +276,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time ours under torch.compile")
     parser.add_argument("--profile", type=int, default=None,
                         help="steps profiled after the timed ones (top kernels); default 3, 0 = off")  # fmt: skip
+    parser.add_argument("--child-timeout", type=float, default=1800, help="seconds for each step's process")
     parser.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -292,12 +294,36 @@ def main() -> None:
               "--crop", str(args.crop), "--batch", str(args.batch), "--warmup", str(args.warmup),
               "--repeat", str(args.repeat), "--profile", str(args.profile)]  # fmt: skip
     impls = [i for i in IMPLS if i != "ours+compile" or args.compile]
-    records = {i: run_isolated("benchmarks.train_step", [*common, "--child", i], timeout=1800) for i in impls}
+    # The figures every row needs come first, and the result files are rewritten after each step, so
+    # that a run stopped early (the GPU check's time budget, a compile that takes too long) keeps what
+    # it measured.
     flops = count_flops(args, device)
     agreement = loss_agreement(args, device)
     rate, rate_dtype = matmul_rate(device)
     loader = loader_rate(args)
+    if cuda:
+        torch.cuda.empty_cache()  # the steps run in other processes on the same GPU
+    extras = {"flops": flops, "agreement": agreement, "rate": rate, "rate_dtype": rate_dtype, "loader": loader}
+    records: dict[str, dict[str, Any]] = {}
+    for impl in impls:
+        records[impl] = run_isolated("benchmarks.train_step", [*common, "--child", impl], timeout=args.child_timeout)
+        r = records[impl]
+        print(f"{impl}: " + (r["error"][:200] if "error" in r else f"{args.batch / median(r['times_s']):.2f} images/s"))
+        md, json_path, md_path = report(args, device, records, extras, len(impls))
+    print(md)
+    print(f"wrote {json_path} and {md_path}")
 
+
+def report(
+    args: argparse.Namespace,
+    device: torch.device,
+    records: dict[str, dict[str, Any]],
+    extras: dict[str, Any],
+    total: int,
+) -> tuple[str, Path, Path]:
+    """Write the result files for the steps measured so far; returns the Markdown and their paths."""
+    cuda = device.type == "cuda"
+    flops, agreement, rate, loader = extras["flops"], extras["agreement"], extras["rate"], extras["loader"]
     rows, ref = [], records.get("official", {})
     for impl, r in records.items():
         if "error" in r:
@@ -317,6 +343,8 @@ def main() -> None:
         f"crop {args.crop}, batch {args.batch}, {NUM_CLASSES} classes, on {device}; median of {args.repeat} steps "
         f"after {args.warmup} warm-up steps; each step in a fresh process."
     )
+    if len(records) < total:
+        what += f" **Partial: {len(records)} of {total} steps measured so far.**"
     md = what + "\n\n" + table(headers, rows) + "\n\n"
     md += (
         f"Equal loss: on one batch from the same weights (dropout off), official {agreement['official']:.5f}, "
@@ -324,8 +352,8 @@ def main() -> None:
     )
     md += (
         f"Model FLOPs (torch.utils.flop_counter, forward + backward): {flops / 1e12:.3f} TFLOP per image. "
-        f"Measured dense {rate_dtype} matmul rate: {rate / 1e12:.2f} TFLOP/s; MFU = images/s x FLOPs per image / "
-        "that rate.\n\n"
+        f"Measured dense {extras['rate_dtype']} matmul rate: {rate / 1e12:.2f} TFLOP/s; MFU = images/s x FLOPs per "
+        "image / that rate.\n\n"
         f"Data loader: {loader['samples_per_s_per_core']:.1f} training samples/s on one core "
         f"({loader['image_size']} px synthetic images, crop {args.crop}, URSS augmentation, on-the-fly d_s and d_c); "
         "'loader cores' = images/s of the step / that rate, the loader workers the device needs to stay busy.\n"
@@ -339,10 +367,11 @@ def main() -> None:
             "convolution kernels, e.g. Winograd for 3x3, do fewer multiplications than the nominal count): the CPU "
             "MFU column is not a utilisation figure.\n"
         )
-    print(md)
-    payload = {"args": vars(args), "records": records, "loss_agreement": agreement, "flops_per_image": flops,
-               "matmul_rate": rate, "matmul_dtype": rate_dtype, "loader": loader}  # fmt: skip
-    write_results("train_step", device, payload, md)
+    payload = {"args": vars(args), "records": records, "complete": len(records) == total, "loss_agreement": agreement,
+               "flops_per_image": flops, "matmul_rate": rate, "matmul_dtype": extras["rate_dtype"],
+               "loader": loader}  # fmt: skip
+    json_path, md_path = write_results("train_step", device, payload, md)
+    return md, json_path, md_path
 
 
 if __name__ == "__main__":
