@@ -39,5 +39,28 @@ def test_the_gpu_check_dry_run_completes_on_cpu(tmp_path: Path) -> None:
         names = set(tf.getnames())
     assert {"./setup.log", "./train-step.log", "./pipeline.log", "./results/train_step-cpu.json"} <= names, names
     assert (tmp_path / "gpu-check-none-dry-run.md").is_file()
-    assert proc.stdout.rstrip().splitlines()[-1].startswith("| pipeline | ok")  # the summary table comes last
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("| loader | ok")  # the summary table comes last
     assert {p.name: p.stat().st_mtime for p in (REPO / "benchmarks/results").glob("*")} == committed
+
+
+def test_a_part_without_the_time_it_needs_is_skipped_and_says_how_to_rerun_it(tmp_path: Path) -> None:
+    """With too little of GPU_CHECK_BUDGET left, a part is reported as skipped (not started only to
+    be cut off), naming the --only that reruns it; a skipped part is no failure."""
+    env = {**os.environ, "OUT": str(tmp_path), "GPU_CHECK_BUDGET": "45"}
+    proc = subprocess.run(
+        ["bash", "scripts/gpu-check.sh", "--dry-run"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and " | skipped | " in line]
+    parts = {row.split(" | ")[0].strip("| ") for row in rows}
+    assert {"train-step", "lorm", "pipeline", "loader"} <= parts, proc.stdout[-3000:]
+    assert any("out of time" in row and "rerun with --only lorm" in row for row in rows), rows
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--only", "lorm,nosuch"], "no part named 'nosuch'"), (["--fast"], "unknown argument: --fast")],
+)
+def test_a_bad_argument_is_refused_by_name(args: list[str], message: str) -> None:
+    proc = subprocess.run(["bash", "scripts/gpu-check.sh", *args], cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
