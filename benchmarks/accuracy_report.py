@@ -88,7 +88,8 @@ def mean_of(same: list[Row], key: str = "miou") -> float | None:
 
 def mean_seconds(same: list[Row]) -> float | None:
     seconds = [r.result.get("wall_s", r.result.get("duration_s")) for r in same if r.result]
-    return statistics.mean(seconds) if seconds else None
+    known = [s for s in seconds if s is not None]
+    return statistics.mean(known) if known else None
 
 
 def source_miou(source_id: str | None, cache: dict[str, Any]) -> float | None:

@@ -46,10 +46,10 @@ REFERENCE_STEP_RATE = 190.0  # img/s, r101 + DeepLabV3+ at crop 465, bf16, H100-
 def torchvision_augmentation(crop: int, scale_range: tuple[float, float]) -> v2.Compose:
     """The former augmentation: torchvision's rotation (affine grid + grid_sample) and blur (conv2d)."""
     fill = {tv_tensors.Image: MEAN_RGB, tv_tensors.Mask: 255}
-    rotation = v2.RandomRotation(10, interpolation=v2.InterpolationMode.BILINEAR, fill=fill)  # type: ignore[arg-type]
+    rotation = v2.RandomRotation(10, interpolation=v2.InterpolationMode.BILINEAR, fill=fill)
     return v2.Compose([
         RandomScale(*scale_range), v2.RandomApply([rotation], p=0.5), v2.RandomApply([v2.GaussianBlur(5)], p=0.5),
-        v2.RandomHorizontalFlip(), v2.RandomCrop(crop, pad_if_needed=True, fill=fill),  # type: ignore[arg-type]
+        v2.RandomHorizontalFlip(), v2.RandomCrop(crop, pad_if_needed=True, fill=fill),
     ])  # fmt: skip
 
 
@@ -129,7 +129,7 @@ def main() -> None:
         + "\n"
     )
     print(md)
-    payload = {"args": vars(args), "ours": ours, "torchvision": before}
+    payload: dict[str, Any] = {"args": vars(args), "ours": ours, "torchvision": before}
     payload.update(step_rate=gpu_rate, step_rate_source=source)
     # On a GPU machine these are its host's cores: loader-<gpu>-host, beside (not over) a CPU machine's loader-cpu.
     tag = f"{device_name(torch.device('cuda'))}-host" if torch.cuda.is_available() else "cpu"

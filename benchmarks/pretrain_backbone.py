@@ -74,7 +74,7 @@ class Pretrainer(nn.Module):
         super().__init__()
         self.net = getattr(tvm, arch)(weights=None)
         width = self.net.fc.in_features
-        self.net.fc = nn.Identity()  # type: ignore[assignment]
+        self.net.fc = nn.Identity()
         self.shape_head = nn.Linear(width, len(SHAPES))
         self.texture_head = nn.Linear(width, len(TEXTURES))
 

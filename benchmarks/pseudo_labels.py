@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -138,7 +139,8 @@ def main() -> None:
             ROOT / "configs/synthetic-demo.yaml",
             [f"data.root={data}", "data.num_classes=8", f"data.train_list={subset}", "data.loader_workers=0"],
         )
-        rows, payload = [], []
+        rows: list[list[Any]] = []
+        payload: list[dict[str, Any]] = []
         if args.before:
             seconds = time_before(Path(args.before), data, subset, args.threads)
             payload.append({"row": "the pass of commit cc6a61a", "seconds_per_image": seconds})

@@ -206,7 +206,8 @@ def main() -> None:
     parser.add_argument("--address", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(*args.child, threads=args.cores, address=args.address)
+        kind, spec_path, out = args.child
+        child(kind, spec_path, out, threads=args.cores, address=args.address)
         return
     if args.epochs < 3:
         parser.error("--epochs must be at least 3 (epoch 1 is warm-up, the last one is evaluated)")

@@ -95,7 +95,8 @@ STAGE1 = {  # variant -> (row label, stage-1 overrides); every variant labels th
 # later rounds): its round-1 checkpoint and epoch rows are copied, so it is trained once.
 SHARED_CLASSIFIER = {"dense": "dense+rw", "dense+rw+r2": "dense+rw", "dense+rw+r2+bg3": "dense+rw"}
 LEVELS = (0.3, 0.5, 0.8)
-LORM_VARIANTS = [  # (display, label: shared with Table 2 where the run is the same, extra overrides)
+# (display, label: shared with Table 2 where the run is the same, extra overrides)
+LORM_VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("no LoRM (pCE + LS-CE + DEL)", "pCE + LS-CE + DEL", {}),
     ("LoRM as the official code (query mask)", "CDSP (all)", {}),
     ("LoRM, per-class mask", "CDSP, LoRM per-class mask", {"stage2.lorm_mask": "class"}),
@@ -103,7 +104,11 @@ LORM_VARIANTS = [  # (display, label: shared with Table 2 where the run is the s
     ("LoRM, temperature 0.1", "CDSP, LoRM temperature 0.1", {"stage2.lorm_temperature": 0.1}),
     ("LoRM, weight warm-up over half the epochs", "CDSP, LoRM warm-up", {"stage2.lorm_warmup_epochs": "half"}),
 ]
-DATASETS = {"main": {"objects": (2, 3)}, "single": {"objects": (1, 1)}, "64px": {"objects": (2, 3), "size": 64}}
+DATASETS: dict[str, dict[str, Any]] = {
+    "main": {"objects": (2, 3)},
+    "single": {"objects": (1, 1)},
+    "64px": {"objects": (2, 3), "size": 64},
+}
 MS_SCALES = (0.75, 1.0, 1.25, 1.5)  # with flips: the multi-scale protocol of the evaluation option
 MS_GROUPS = ("table2", "table2-external")
 

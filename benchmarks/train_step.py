@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -110,7 +110,7 @@ def forward_loss(
 def make_step(impl: str, model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device):
     """A closure doing one SGD step; returns the loss tensor (not synchronised)."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
-    net = torch.compile(model) if impl == "ours+compile" else model
+    net = cast(torch.nn.Module, torch.compile(model)) if impl == "ours+compile" else model
 
     def step() -> torch.Tensor:
         loss = forward_loss(impl, net, batch, device)
@@ -160,7 +160,7 @@ def profile(step: Any, device: torch.device, steps: int, top: int = 12) -> dict[
 
     def self_us(e: Any) -> float:
         if cuda:
-            return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0))
+            return float(getattr(e, "self_device_time_total", 0.0) or getattr(e, "self_cuda_time_total", 0.0))
         return float(e.self_cpu_time_total)
 
     total = sum(self_us(e) for e in events) or 1.0

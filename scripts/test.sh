@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up .venv, then run everything CI runs: ruff (lint + format check), mypy, the whole test suite.
+# Set up .venv, then run everything CI runs: ruff (lint + format check), mypy (the service, workers,
+# benchmarks and scripts, with the core they import), the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -16,5 +17,5 @@ if { [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; } && [ "${CDS
   fi
 fi
 echo "== ruff"; ruff check . && ruff format --check .
-echo "== mypy"; mypy service workers
+echo "== mypy"; mypy service workers benchmarks scripts/gpu-pack.py
 echo "== pytest"; pytest -q -ra "$@"
