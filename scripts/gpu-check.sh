@@ -53,7 +53,9 @@ step() {  # step NAME TIMEOUT_S MIN_S COMMAND...: run one part, record status, s
   if ! wanted "$name"; then skip "$name" "not in --only $ONLY"; return; fi
   left=$(left)
   if [ "$left" -lt "$min" ]; then
-    skip "$name" "out of time: ${left} s left of GPU_CHECK_BUDGET=$BUDGET, it needs ${min}; rerun with --only $name"
+    local how="rerun with --only $name"
+    [ "$name" = setup ] && how="raise GPU_CHECK_BUDGET"
+    skip "$name" "out of time: ${left} s left of GPU_CHECK_BUDGET=$BUDGET, it needs ${min}; $how"
     return
   fi
   limit=$(limit_of "$limit")
