@@ -42,17 +42,20 @@ from cdsp_core.models.lorm import rectify
 IMPLS = ("explicit-fp32", "fused-fp32", "fused-bf16")
 
 
+def impl_dtype(impl: str) -> torch.dtype:
+    return torch.bfloat16 if impl.endswith("bf16") else torch.float32
+
+
 def make_inputs(impl: str, b: int, c: int, s: int, device: torch.device, seed: int = 0) -> dict[str, Any]:
     """F, Q, K as leaf tensors (what layer4 and the 1x1 convs hand to LoRM), a mask, delta."""
     g = torch.Generator(device=device).manual_seed(seed)  # drawn where they are used: GBs at 129², B=16
-    dtype = torch.bfloat16 if impl.endswith("bf16") else torch.float32
+    dtype = impl_dtype(impl)
     fmt = torch.contiguous_format if impl.startswith("explicit") else torch.channels_last
     x = {}
     for name in ("f", "q", "k"):
         t = torch.randn(b, c, s, s, generator=g, device=device)
         t = t.relu_() if name == "f" else t
         x[name] = t.to(dtype).contiguous(memory_format=fmt).requires_grad_()
-        del t
     yy, xx = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
     blob = ((yy - s / 2) ** 2 + (xx - s / 2) ** 2) < (s / 3) ** 2  # a round foreground object
     x["mask"] = blob.expand(b, s, s).to(device)
@@ -163,7 +166,7 @@ def main() -> None:
                     child_args = ["--device", args.device, "--repeat", str(repeat), "--child", impl]
                     r = run_isolated("benchmarks.lorm", [*child_args, str(batch), str(c), str(s)], args.timeout)
                 rec = {"impl": impl, "batch": batch, "channels": c, "size": s, "hw": s * s, "gflop": gflop, **r}
-                rec["feature_map_mib"] = batch * c * s * s * (2 if impl.endswith("bf16") else 4) / 2**20
+                rec["feature_map_mib"] = batch * c * s * s * impl_dtype(impl).itemsize / 2**20
                 if "times_s" in r:
                     rec["ms"] = 1000 * median(r["times_s"])
                     rec["gflop_per_s"] = gflop / median(r["times_s"])

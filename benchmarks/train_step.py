@@ -323,7 +323,8 @@ def report(
 ) -> tuple[str, Path, Path]:
     """Write the result files for the steps measured so far; returns the Markdown and their paths."""
     cuda = device.type == "cuda"
-    flops, agreement, rate, loader = extras["flops"], extras["agreement"], extras["rate"], extras["loader"]
+    flops, agreement, loader = extras["flops"], extras["agreement"], extras["loader"]
+    rate, rate_dtype = extras["rate"], extras["rate_dtype"]
     rows, ref = [], records.get("official", {})
     for impl, r in records.items():
         if "error" in r:
@@ -352,7 +353,7 @@ def report(
     )
     md += (
         f"Model FLOPs (torch.utils.flop_counter, forward + backward): {flops / 1e12:.3f} TFLOP per image. "
-        f"Measured dense {extras['rate_dtype']} matmul rate: {rate / 1e12:.2f} TFLOP/s; MFU = images/s x FLOPs per "
+        f"Measured dense {rate_dtype} matmul rate: {rate / 1e12:.2f} TFLOP/s; MFU = images/s x FLOPs per "
         "image / that rate.\n\n"
         f"Data loader: {loader['samples_per_s_per_core']:.1f} training samples/s on one core "
         f"({loader['image_size']} px synthetic images, crop {args.crop}, URSS augmentation, on-the-fly d_s and d_c); "
@@ -368,7 +369,7 @@ def report(
             "MFU column is not a utilisation figure.\n"
         )
     payload = {"args": vars(args), "records": records, "complete": len(records) == total, "loss_agreement": agreement,
-               "flops_per_image": flops, "matmul_rate": rate, "matmul_dtype": extras["rate_dtype"],
+               "flops_per_image": flops, "matmul_rate": rate, "matmul_dtype": rate_dtype,
                "loader": loader}  # fmt: skip
     json_path, md_path = write_results("train_step", device, payload, md)
     return md, json_path, md_path
