@@ -18,7 +18,7 @@ from cdsp_core import runs
 from cdsp_core.spec import SpecError, validate_spec
 from service import store
 from service.models import Transition, utcnow
-from service.ray_jobs import JobExists, RayError, RayJobs, RayUnavailable
+from service.ray_jobs import JobExists, JobNotFound, RayError, RayJobs, RayUnavailable
 from service.settings import Settings
 from service.states import Status
 
@@ -63,6 +63,11 @@ class Dispatcher:
         except Exception as exc:  # any storage backend error (OSError, botocore, ...)
             self._fail(claim, f"cannot write the spec to the run folder {claim.run_dir}: {exc}")
             return 0
+        try:
+            self._stop_earlier(claim)
+        except RayError as exc:
+            self._refused(claim, f"could not stop an earlier attempt: {exc}")
+            return 0
         command = entrypoint(self.settings.job_entrypoint, claim.run_dir)
         metadata = {"experiment_id": claim.experiment_id, "name": spec.name, "kind": spec.kind}
         try:
@@ -80,6 +85,17 @@ class Dispatcher:
         log.info("submitted %s as Ray job %s", claim.experiment_id, claim.submission_id)
         return 1
 
+    def _stop_earlier(self, claim: store.Claim) -> None:
+        """A retry never runs beside an earlier attempt: one failed as lost with its cluster may still run
+        there once the cluster answers again (the reconciler stops those too, but only the replica that
+        saw the loss knows them, and only until it restarts). Both would write the same run folder."""
+        for sid in claim.earlier_submission_ids():
+            try:
+                if self.ray.stop(sid):
+                    log.warning("stopped %s, an earlier attempt of %s that was still running", sid, claim.experiment_id)
+            except JobNotFound:
+                pass
+
     def _stop(self, submission_id: str) -> None:
         try:
             self.ray.stop(submission_id)
@@ -88,6 +104,8 @@ class Dispatcher:
 
     def _requeue(self, claim: store.Claim, reason: str) -> None:
         with self.sessions.begin() as s:
+            if self._cancelled_instead(s, claim, reason):
+                return
             store.transition(
                 s,
                 claim.experiment_id,
@@ -95,11 +113,26 @@ class Dispatcher:
                 reason,
                 self.settings.replica_id,
                 expect=[Status.dispatching],
+                unless_cancel_asked=True,  # else the next pass (the reconciler's) cancels it
                 claimed_by=None,
                 claimed_at=None,
                 submission_id=None,
                 submitted_at=None,
             )
+
+    def _cancelled_instead(self, s: Session, claim: store.Claim, why: str) -> bool:
+        """A claim that did not reach Ray, with a cancel asked meanwhile, ends cancelled, not queued
+        again (it would be claimed and run after the user's 202) nor failed."""
+        if not store.cancel_asked(s, claim.experiment_id):
+            return False
+        return store.transition(
+            s,
+            claim.experiment_id,
+            Status.cancelled,
+            f"cancelled before it reached Ray ({why})",
+            self.settings.replica_id,
+            expect=[Status.dispatching],
+        )
 
     def _refused(self, claim: store.Claim, reason: str) -> None:
         """Ray answered but refused: requeue (often transient, e.g. its job agent is starting), then fail."""
@@ -119,6 +152,8 @@ class Dispatcher:
 
     def _fail(self, claim: store.Claim, error: str) -> None:
         with self.sessions.begin() as s:
+            if self._cancelled_instead(s, claim, error):
+                return
             store.transition(
                 s,
                 claim.experiment_id,
@@ -126,5 +161,6 @@ class Dispatcher:
                 error,
                 self.settings.replica_id,
                 expect=[Status.dispatching],
+                unless_cancel_asked=True,
                 error=error,
             )

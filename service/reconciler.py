@@ -40,6 +40,7 @@ class Reconciler:
         self.unreachable_since: float | None = None  # monotonic time of the first failed ping of an outage
         self._lost: dict[str, str] = {}  # experiment id -> submission id, failed as lost in this outage
         self._mirrored: dict[str, float] = {}  # submission id -> monotonic time of the last log copy
+        self._folder_errors: dict[str, list[str]] = {}  # experiment id -> run-folder problems last logged
 
     def reconcile_once(self) -> int:
         """One pass over the active experiments; stops early when Ray is unreachable.
@@ -57,6 +58,8 @@ class Reconciler:
                 return 0
             except RayError as exc:  # Ray answered with an error about this job: try again next pass
                 log.warning("reconciler: %s: %s", exp.id, exc)
+            except Exception:  # this experiment's trouble (a run folder, a row) must not hold up the others
+                log.exception("reconciler: could not follow %s; trying again next pass", exp.id)
         with self.sessions() as s:
             return sum(e.status == Status.dispatching for e in store.active(s))
 
@@ -98,23 +101,22 @@ class Reconciler:
         if exp.submitted_at is None:
             if not store.stale_claim(exp, utcnow(), self.settings.dispatch_grace):
                 return  # a dispatcher may be submitting it right now
-            if exp.cancel_requested:
-                self._move(exp, Status.cancelled, "cancelled before it reached Ray", export=False)
-            else:
-                self._move(
-                    exp,
-                    Status.queued,
-                    "claim never reached Ray; requeued",
-                    claimed_by=None,
-                    claimed_at=None,
-                    submission_id=None,
-                )
+            self._move(
+                exp,
+                Status.queued,
+                "claim never reached Ray; requeued",
+                export=False,
+                if_cancelled={"reason": "cancelled before it reached Ray"},
+                claimed_by=None,
+                claimed_at=None,
+                submission_id=None,
+            )
             return
         error = (
             f"Ray job {exp.submission_id} is no longer known to the cluster at {self.ray.address} "
             "(was the Ray head restarted?); retry resumes from the latest checkpoint"
         )
-        self._move(exp, Status.cancelled if exp.cancel_requested else Status.failed, "Ray job lost", error=error)
+        self._move(exp, Status.failed, "Ray job lost", if_cancelled={}, error=error)
 
     def _finish(self, exp: Experiment, spec: ExperimentSpec, job: JobInfo) -> None:
         """Copy the logs, read the run folder a last time, then record the final state."""
@@ -132,7 +134,8 @@ class Reconciler:
                     Status.failed,
                     "no result.json",
                     finished_at=when,
-                    error="the job exited 0 but wrote no result.json to the run folder",
+                    error="the job exited 0 but wrote no usable result.json to the run folder"
+                    + "".join(f"; {problem}" for problem in snap.errors),
                 )
                 return
             self._move(
@@ -143,13 +146,19 @@ class Reconciler:
                 result=snap.result,
                 epochs_done=runfolder.total_epochs(spec),
             )
-        elif job.status == "STOPPED" and exp.cancel_requested:
-            self._move(exp, Status.cancelled, "cancelled", finished_at=when)
         else:
             error = runfolder.error_line(logs) or _summary(job)
-            if job.status == "STOPPED":
+            stopped = job.status == "STOPPED"  # by our cancel, or else from outside the service
+            if stopped:
                 error = f"the Ray job was stopped outside the service: {error}"
-            self._move(exp, Status.failed, f"Ray job {job.status.lower()}", finished_at=when, error=error)
+            self._move(
+                exp,
+                Status.failed,
+                f"Ray job {job.status.lower()}",
+                if_cancelled={"reason": "cancelled", "error": None} if stopped else None,
+                finished_at=when,
+                error=error,
+            )
 
     def _export(self, experiment_id: str) -> None:
         """Mirror an ended experiment to MLflow when configured, in a thread (an upload must not hold up
@@ -196,8 +205,7 @@ class Reconciler:
                 f"{cause}; the logs up to then are in logs/{sid}.log; retry resumes from the latest "
                 "checkpoint once a cluster answers"
             )
-            to = Status.cancelled if exp.cancel_requested else Status.failed
-            if self._move(exp, to, "Ray cluster lost", finished_at=utcnow(), error=error):
+            if self._move(exp, Status.failed, "Ray cluster lost", if_cancelled={}, finished_at=utcnow(), error=error):
                 self._lost[exp.id] = sid
                 failed.append(exp.id)
         return failed
@@ -236,6 +244,10 @@ class Reconciler:
     def ingest(self, exp: Experiment, spec: ExperimentSpec) -> runfolder.Snapshot:
         """Copy the run folder (metrics lines, progress, checkpoints, trials) into the row; idempotent."""
         snap = runfolder.read(exp.run_dir, spec)
+        if snap.errors != self._folder_errors.get(exp.id, []):  # log changes, not every pass
+            for problem in snap.errors:
+                log.warning("%s: run folder %s: %s", exp.id, exp.run_dir, problem)
+            self._folder_errors[exp.id] = snap.errors
         with self.sessions.begin() as s:
             count = store.sync_metric_rows(s, exp.id, snap.rows, exp.metrics_count)
             store.update_fields(
@@ -257,14 +269,44 @@ class Reconciler:
         except (JobNotFound, RayError) as exc:
             log.warning("could not stop %s: %s", sid, exc)
 
-    def _move(self, exp: Experiment, to: Status, reason: str, export: bool = True, **values: object) -> bool:
+    def _move(
+        self,
+        exp: Experiment,
+        to: Status,
+        reason: str,
+        export: bool = True,
+        if_cancelled: dict[str, object] | None = None,
+        **values: object,
+    ) -> bool:
         """Record a transition; an experiment that ends here (finished, lost with its job or its cluster)
         is mirrored to MLflow once the move is committed. Experiments that end before reaching Ray
         (`export=False`; cancelled in the queue or refused at dispatch elsewhere) ran nothing and are not
         mirrored. A failure to start the mirror is logged: MLflow never decides an experiment's fate,
-        nor stops the caller's work after the move (`fail_submitted` still records the lost job)."""
+        nor stops the caller's work after the move (`fail_submitted` still records the lost job).
+
+        With `if_cancelled` (values that replace or add to `values`, and maybe a `reason`), an
+        experiment with a cancel asked is cancelled instead. The flag is read in the move's own
+        transaction, not from `exp`: a cancel may come after the pass loaded it, and the other move
+        requires the flag still unset.
+        """
         with self.sessions.begin() as s:
-            moved = store.transition(s, exp.id, to, reason, self.replica, expect=[Status(exp.status)], **values)
+            unless_cancel_asked = False
+            if if_cancelled is not None:
+                if store.cancel_asked(s, exp.id):
+                    instead = dict(if_cancelled)
+                    to, reason, values = Status.cancelled, str(instead.pop("reason", reason)), values | instead
+                else:
+                    unless_cancel_asked = True
+            moved = store.transition(
+                s,
+                exp.id,
+                to,
+                reason,
+                self.replica,
+                expect=[Status(exp.status)],
+                unless_cancel_asked=unless_cancel_asked,
+                **values,
+            )
         if moved and export and to in FINAL:
             try:
                 self._export(exp.id)

@@ -6,6 +6,7 @@ Works on local paths and storage URIs alike through `cdsp_core.runs`.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,12 +59,23 @@ class Snapshot:
 
 
 def read(run_dir: str, spec: ExperimentSpec) -> Snapshot:
-    """Read metrics.jsonl, checkpoints/, trials.json and result.json (missing files are fine)."""
+    """Read metrics.jsonl, checkpoints/, trials.json and result.json (missing files are fine).
+
+    Every value is made storable as JSON by any database: a NaN or infinite number (a diverged loss)
+    becomes null, since PostgreSQL's JSON columns refuse them. Parts of the wrong shape are left out
+    and named in `errors`.
+    """
     errors: list[str] = []
-    rows = [r for r in runs.read_jsonl(runs.join(run_dir, runs.METRICS)) if isinstance(r, dict)]
+    rows = [finite(r) for r in runs.read_jsonl(runs.join(run_dir, runs.METRICS)) if isinstance(r, dict)]
     done, stage = epochs_done(spec, rows)
     trials = _json(run_dir, runs.TRIALS, list, errors)
+    if trials is not None and not all(isinstance(t, dict) for t in trials):
+        errors.append(f"{runs.TRIALS}: every entry must be an object; the file is ignored")
+        trials = None
     result = _json(run_dir, runs.RESULT, dict, errors)
+    if result is not None and not isinstance(result.get("checkpoint", ""), str | None):
+        errors.append(f"{runs.RESULT}: 'checkpoint' must be a path; the file is ignored")
+        result = None
     return Snapshot(rows, done, stage, latest_metrics(rows), checkpoints(run_dir), trials, result, errors)
 
 
@@ -73,7 +85,21 @@ def _json(run_dir: str, name: str, kind: type, errors: list[str]) -> Any:
     except ValueError as exc:  # being written, or corrupt: try again next pass
         errors.append(f"{name}: {exc}")
         return None
-    return value if isinstance(value, kind) else None
+    if value is not None and not isinstance(value, kind):
+        errors.append(f"{name}: expected a JSON {'list' if kind is list else 'object'}; the file is ignored")
+        return None
+    return finite(value)
+
+
+def finite(value: Any) -> Any:
+    """`value` with every NaN or infinite float (at any depth) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    return value
 
 
 def latest_metrics(rows: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -122,11 +122,13 @@ def transition(
     reason: str,
     replica: str,
     expect: Iterable[Status] | None = None,
+    unless_cancel_asked: bool = False,
     **values: Any,
 ) -> bool:
-    """Move an experiment to `to` if it is in one of `expect` (default: every legal source).
+    """Move an experiment to `to` if it is in one of `expect` (default: every legal source) and, with
+    `unless_cancel_asked`, if no cancel has been asked for it.
 
-    Returns False, changing nothing, when another actor moved it first.
+    Returns False, changing nothing, when another actor moved it (or asked to cancel it) first.
     """
     froms = sources(to) if expect is None else frozenset(expect) & sources(to)
     now = utcnow()
@@ -138,9 +140,10 @@ def transition(
     ).one_or_none()
     if current is None or current.status not in froms:
         return False
+    guard = [Experiment.cancel_requested.is_(False)] if unless_cancel_asked else []
     done = session.execute(
         update(Experiment)
-        .where(Experiment.id == experiment_id, Experiment.status == current.status)
+        .where(Experiment.id == experiment_id, Experiment.status == current.status, *guard)
         .values(status=str(to), updated_at=now, **values)
         .execution_options(synchronize_session=False)
     )
@@ -168,6 +171,11 @@ class Claim:
     submission_id: str
     run_dir: str
     spec: dict[str, Any]
+    attempt: int = 0
+
+    def earlier_submission_ids(self) -> list[str]:
+        """The Ray submission ids of this experiment's earlier attempts, newest first."""
+        return [submission_id_for(self.experiment_id, n) for n in reversed(range(self.attempt))]
 
 
 def claim(session: Session, replica: str, max_running: int) -> list[Claim]:
@@ -207,7 +215,7 @@ def claim(session: Session, replica: str, max_running: int) -> list[Claim]:
             submitted_at=None,
         )
         if moved:
-            claims.append(Claim(row.id, sid, row.run_dir, row.spec))
+            claims.append(Claim(row.id, sid, row.run_dir, row.spec, row.attempt))
     return claims
 
 
@@ -271,6 +279,22 @@ def _str_or_none(v: Any) -> str | None:
 
 def _int_or_none(v: Any) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def cancel_asked(session: Session, experiment_id: str) -> bool:
+    """Whether a cancel was asked, read now (not from an Experiment loaded earlier in a pass)."""
+    return bool(session.scalar(select(Experiment.cancel_requested).where(Experiment.id == experiment_id)))
+
+
+def ask_cancel(session: Session, experiment_id: str) -> bool:
+    """Mark a dispatching or running experiment for cancelling; False when it is no longer active."""
+    done = session.execute(
+        update(Experiment)
+        .where(Experiment.id == experiment_id, Experiment.status.in_([str(s) for s in ACTIVE]))
+        .values(cancel_requested=True, updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return getattr(done, "rowcount", 0) == 1
 
 
 def update_fields(session: Session, experiment_id: str, **values: Any) -> None:

@@ -177,11 +177,11 @@ def cancel_experiment(
                 session.commit()
                 break
         elif exp.status in ACTIVE:
-            store.update_fields(session, exp.id, cancel_requested=True)
-            session.commit()
-            _stop(ctx, exp.submission_id if exp.submitted_at else None)
-            response.status_code = status.HTTP_202_ACCEPTED
-            break
+            if store.ask_cancel(session, exp.id):  # still active: it may have ended since the read
+                session.commit()
+                _stop(ctx, exp.submission_id if exp.submitted_at else None)
+                response.status_code = status.HTTP_202_ACCEPTED
+                break
         else:
             raise IllegalTransition(exp.id, exp.status, "cancel", frozenset({Status.queued, *ACTIVE}))
         session.rollback()

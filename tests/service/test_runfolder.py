@@ -85,6 +85,22 @@ def test_read_a_run_folder(tmp_path: Path) -> None:
     assert snap.result is None and snap.errors and snap.errors[0].startswith("result.json")
 
 
+def test_trials_and_results_of_the_wrong_shape_are_ignored_and_named(tmp_path: Path) -> None:
+    """The routes read trial entries as objects and result.json's checkpoint as a path: other shapes
+    are left out with the file named, never stored for a route to fail on."""
+    spec = validate_spec(small_spec(epochs=1))
+    (tmp_path / "trials.json").write_text("[1, 2]")
+    (tmp_path / "result.json").write_text('{"checkpoint": 5}')
+    snap = runfolder.read(str(tmp_path), spec)
+    assert snap.trials is None and snap.result is None
+    assert [e.split(":")[0] for e in snap.errors] == ["trials.json", "result.json"]
+    (tmp_path / "trials.json").write_text('{"a": 1}')
+    (tmp_path / "result.json").write_text('{"checkpoint": "checkpoints/stage2-epoch001.pt", "miou": 50.0}')
+    snap = runfolder.read(str(tmp_path), spec)
+    assert snap.trials is None and snap.errors == ["trials.json: expected a JSON list; the file is ignored"]
+    assert snap.result == {"checkpoint": "checkpoints/stage2-epoch001.pt", "miou": 50.0}
+
+
 def test_error_line_is_the_last_error_prefixed_line() -> None:
     logs = "starting\nerror: first\nTraceback...\nerror: dataset problems: data.root /x is not a directory\n"
     assert runfolder.error_line(logs) == "dataset problems: data.root /x is not a directory"

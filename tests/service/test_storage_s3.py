@@ -57,7 +57,7 @@ def test_the_loops_write_spec_and_logs_to_s3(ray_settings: Callable[..., Setting
             "the job to end",
         )
     assert done["status"] == "failed"
-    assert done["error"] == "the job exited 0 but wrote no result.json to the run folder"
+    assert done["error"] == "the job exited 0 but wrote no usable result.json to the run folder"
     assert runs.read_text(runs.join(done["run_dir"], "spec.yaml")).startswith("name: to-s3")
     log = runs.read_text(runs.join(done["run_dir"], "logs", f"{exp['id']}.log"))
     assert f"the job ran with --out {done['run_dir']}" in log

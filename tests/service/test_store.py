@@ -135,6 +135,44 @@ def test_metric_rows_mirror_the_file_once(sessions: sessionmaker[Session]) -> No
         assert s.scalar(select(func.count()).select_from(MetricRow)) == 1
 
 
+def test_a_diverged_run_is_stored_on_every_database(sessions: sessionmaker[Session], tmp_path: Any) -> None:
+    """A NaN or infinite loss in metrics.jsonl, trials.json or result.json is stored as null: PostgreSQL's
+    JSON columns refuse NaN, and one such line used to stop every reconciler pass at this experiment."""
+    import json
+
+    exp_id = add(sessions)
+    spec = validate_spec(small_spec(epochs=1))
+    rows = [{"stage": "stage1", "epoch": 1, "loss": float("nan"), "loss_parts": [1.0, float("inf")]}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "trials.json").write_text(json.dumps([{"trial": "a", "miou": float("-inf")}]))
+    snap = runfolder.read(str(tmp_path), spec)
+    assert snap.rows == [{"stage": "stage1", "epoch": 1, "loss": None, "loss_parts": [1.0, None]}]
+    with sessions.begin() as s:
+        count = store.sync_metric_rows(s, exp_id, snap.rows, known=0)
+        store.update_fields(s, exp_id, metrics_count=count, latest_metrics=snap.latest, trials=snap.trials)
+    with sessions() as s:
+        exp = store.get(s, exp_id)
+        assert exp.latest_metrics == snap.rows[0] and exp.trials == [{"trial": "a", "miou": None}]
+        assert store.metric_rows(s, exp_id)[0].data["loss"] is None
+
+
+def test_a_cancel_asked_blocks_a_move_that_would_lose_it(sessions: sessionmaker[Session]) -> None:
+    """`ask_cancel` marks active experiments only; a move made `unless_cancel_asked` does not happen once
+    a cancel was asked (the mover read the experiment before the cancel came)."""
+    exp_id = add(sessions)
+    with sessions.begin() as s:
+        assert not store.ask_cancel(s, exp_id)  # queued: cancelled directly by the route, never marked
+        assert store.transition(s, exp_id, Status.dispatching, "claimed", "r1", submission_id=exp_id)
+        assert store.ask_cancel(s, exp_id) and store.cancel_asked(s, exp_id)
+    with sessions.begin() as s:
+        assert not store.transition(s, exp_id, Status.queued, "requeue", "r1", unless_cancel_asked=True)
+        assert store.get(s, exp_id).status == Status.dispatching
+        assert store.transition(s, exp_id, Status.cancelled, "cancelled", "r1", unless_cancel_asked=False)
+    with sessions.begin() as s:
+        assert not store.ask_cancel(s, exp_id)  # ended: nothing to mark
+        assert [t.to_status for t in store.transitions(s, exp_id)] == ["queued", "dispatching", "cancelled"]
+
+
 def test_counts_cover_every_status(sessions: sessionmaker[Session]) -> None:
     add(sessions)
     with sessions() as s:
