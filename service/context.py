@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
@@ -12,6 +14,33 @@ from service.control import ControlLoop
 from service.ray_head import EmbeddedHead
 from service.ray_jobs import RayJobs, RayUnavailable
 from service.settings import Settings
+
+
+class DigestCache:
+    """SHA-256 digests of checkpoints by (location, size), the least recently used dropped beyond
+    `size` entries (a long-lived service serves many runs). Safe across request threads."""
+
+    def __init__(self, size: int = 4096):
+        self.size = size
+        self._items: OrderedDict[tuple[str, int], str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, int]) -> str | None:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+            return self._items.get(key)
+
+    def put(self, key: tuple[str, int], digest: str) -> str:
+        with self._lock:
+            self._items[key] = digest
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return digest
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 @dataclass
@@ -25,7 +54,7 @@ class AppContext:
     ray_jobs: RayJobs | None = None  # set by the lifespan, once the (embedded) head is known
     loop: ControlLoop | None = None
     head: EmbeddedHead | None = None
-    sha_cache: dict[tuple[str, int], str] = field(default_factory=dict)
+    sha_cache: DigestCache = field(default_factory=DigestCache)
 
     @property
     def ray(self) -> RayJobs:

@@ -110,7 +110,10 @@ async def _follow(ctx: AppContext, experiment_id: str, tail: int) -> AsyncIterat
             sid, sent = exp.submission_id, 0
         try:
             text = await asyncio.to_thread(_read_logs, ctx, exp)
-        except RayUnavailable:  # keep the stream open through a Ray outage
+        except RayUnavailable as exc:  # keep the stream open through a Ray outage, while the job may run
+            if exp.status in FINAL:  # ended with no archived logs (lost with its cluster): nothing will come
+                yield f"[no more logs: experiment {exp.id} has ended and its logs were not archived; {exc}]\n"
+                return
             text = None
         if text is not None:
             chunk = _tail(text, tail) if first else text[sent:]
@@ -154,12 +157,16 @@ def download_checkpoint(
     """Stream one checkpoint, with Content-Length and its SHA-256 (`X-Checksum-SHA256`, `Repr-Digest`)."""
     exp = store.get(session, experiment_id)
     location = runs.join(exp.run_dir, runs.CHECKPOINTS, name)
+    missing = HTTPException(404, f"experiment {experiment_id} has no checkpoint {name!r}")
     if not name.endswith(".pt") or not runs.exists(location):
-        raise HTTPException(404, f"experiment {experiment_id} has no checkpoint {name!r}")
-    size = runs.size(location)
-    digest = ctx.sha_cache.get((location, size))
-    if digest is None:  # files are written once; (path, size) guards against a file being rewritten
-        digest = ctx.sha_cache[(location, size)] = runfolder.sha256(location)
+        raise missing
+    try:  # keep_checkpoints rotation may delete it between the check and here
+        size = runs.size(location)
+        digest = ctx.sha_cache.get((location, size))
+        if digest is None:  # files are written once; (path, size) guards against a file being rewritten
+            digest = ctx.sha_cache.put((location, size), runfolder.sha256(location))
+    except FileNotFoundError:
+        raise missing from None
     headers = {
         "Content-Length": str(size),
         "X-Checksum-SHA256": digest,
@@ -191,5 +198,8 @@ def get_figure(experiment_id: ExperimentId, name: FileName, session: SessionDep)
     location = runs.join(exp.run_dir, runs.FIGURES, name)
     if not name.endswith(".png") or not runs.exists(location):
         raise HTTPException(404, f"experiment {experiment_id} has no figure {name!r}")
-    headers = {"Content-Length": str(runs.size(location))}
+    try:
+        headers = {"Content-Length": str(runs.size(location))}
+    except FileNotFoundError:  # removed since the check
+        raise HTTPException(404, f"experiment {experiment_id} has no figure {name!r}") from None
     return StreamingResponse(_chunks(location), media_type="image/png", headers=headers)

@@ -42,9 +42,14 @@ def dataset_problems(spec: ExperimentSpec, settings: Settings) -> list[tuple[str
     try:
         if settings.outside_dataset_roots(root):
             return [("data.root", "is outside the dataset roots this service accepts (CDSP_DATASET_ROOTS)")]
-        pseudo = spec.data.pseudo_label_dir
-        if pseudo is not None and FsPath(pseudo).is_absolute() and settings.outside_dataset_roots(pseudo):
-            return [("data.pseudo_label_dir", "is outside the dataset roots this service accepts")]
+        for name in ("pseudo_label_dir", "distance_map_dir"):  # folders that may be given absolute
+            folder = getattr(spec.data, name)
+            try:
+                outside = folder is not None and FsPath(folder).is_absolute() and settings.outside_dataset_roots(folder)
+            except (OSError, ValueError) as exc:
+                return [(f"data.{name}", f"not a usable path: {exc}")]
+            if outside:
+                return [(f"data.{name}", "is outside the dataset roots this service accepts (CDSP_DATASET_ROOTS)")]
     except (OSError, ValueError) as exc:
         return [("data.root", f"not a usable path: {exc}")]
     if runs.is_remote(root):

@@ -281,6 +281,38 @@ def test_logs_of_a_dispatched_experiment_answer_503_while_ray_is_down(app: FastA
     assert r.status_code == 503 and "Ray is unavailable" in r.json()["detail"]
 
 
+@pytest.mark.timeout(60)
+def test_following_the_logs_of_an_ended_run_whose_logs_were_never_archived_ends(
+    app: FastAPI, client: TestClient
+) -> None:
+    """A run failed as lost with its cluster before its logs were copied: with Ray down nothing more can
+    come, so `logs?follow` ends with a line saying so (it used to send keep-alives for ever)."""
+    exp_id = submit(client)["id"]
+    with ctx_of(app).sessions.begin() as s:
+        store.transition(s, exp_id, Status.dispatching, "claimed", "test", submission_id=exp_id)
+        store.transition(s, exp_id, Status.failed, "Ray cluster lost", "test", error="lost")
+    r = client.get(f"/v1/experiments/{exp_id}/logs", params={"follow": "true"})
+    assert r.status_code == 200
+    assert r.text.startswith(f"[no more logs: experiment {exp_id} has ended and its logs were not archived")
+
+
+def test_a_checkpoint_rotated_away_during_its_download_answers_404(
+    app: FastAPI, client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`keep_checkpoints` may delete a checkpoint between the route's check and its size read."""
+    exp = submit(client)
+    write_run(exp["run_dir"])
+    real_size = runs.size
+
+    def rotated_first(location: str) -> int:
+        runs.remove(location)  # the rotation happens right now
+        return real_size(location)
+
+    monkeypatch.setattr(runs, "size", rotated_first)
+    r = client.get(f"/v1/experiments/{exp['id']}/checkpoints/stage2-epoch002.pt")
+    assert r.status_code == 404 and "stage2-epoch002.pt" in r.json()["detail"]
+
+
 def test_a_body_over_the_limit_is_refused_with_413_before_parsing(client: TestClient) -> None:
     huge = b'{"spec": {"name": "' + b"x" * (20 << 20) + b'"}}'  # 20 MB
     r = client.post("/v1/experiments", content=huge, headers={**AUTH, "content-type": "application/json"})
@@ -365,4 +397,11 @@ def test_dataset_roots_limit_where_datasets_may_live(
         outside["data"]["pseudo_label_dir"] = str(tiny_synth / "SegmentationClassAug")
         r = client.post("/v1/experiments", json={"spec": outside})
         assert r.status_code == 422 and r.json()["detail"][0]["field"] == "data.pseudo_label_dir"
+        maps = small_spec(root=str(allowed / "tiny"))
+        maps["data"]["distance_map_dir"] = "/etc"  # workers would read <root> / "/etc", which is /etc
+        r = client.post("/v1/experiments", json={"spec": maps})
+        assert r.status_code == 422 and r.json()["detail"][0]["field"] == "data.distance_map_dir"
+        assert "CDSP_DATASET_ROOTS" in r.json()["detail"][0]["msg"]
+        maps["data"]["distance_map_dir"] = str(allowed / "tiny" / "maps")  # absolute, inside: accepted
+        assert client.post("/v1/experiments", json={"spec": maps}).status_code == 201
         assert client.post("/v1/experiments", json={"spec": small_spec(root=str(allowed / "tiny"))}).status_code == 201
