@@ -370,7 +370,7 @@ def file_sha256(path: str | None) -> str | None:
 
 def multiscale_miou(spec: ExperimentSpec, checkpoint: Path) -> float:
     """The final model's validation mIoU with multi-scale + flip inference (the paper's protocol option)."""
-    model = build_stage2_model(spec)
+    model = build_stage2_model(spec, pretrained=False)  # every weight comes from the checkpoint
     model.load_state_dict(load_checkpoint(checkpoint)["model"])
     val = WholeImageDataset(spec.data, "val", {"gt": Layout.from_spec(spec.data).gt_dir})
     cm = evaluate(model, val, Runner(run=str(checkpoint.parent), progress=False), spec.data.num_classes,

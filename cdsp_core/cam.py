@@ -98,14 +98,15 @@ def refine(image: torch.Tensor, probs: torch.Tensor, scribble: torch.Tensor, s1:
     """Random-walk refinement of one image's probabilities (K, H, W); absent classes stay 0.
 
     `image` (3, H, W) gives the edge weights (any per-channel scaling), `scribble` (H, W) the seeds:
-    every scribbled pixel, background strokes included, is a seed of its class.
+    every scribbled pixel, background strokes included, is a seed of its class. The walk chooses
+    among background, the scribble's classes (also one whose prior is zero everywhere, as a CAM can
+    be: its seeds still spread) and any other class the prior gives weight.
     """
-    present = probs.flatten(1).amax(1) > 0
-    present[0] = True
+    present = present_classes(scribble, probs.shape[0]) | (probs.flatten(1).amax(1) > 0)
     labels = present.nonzero().flatten()  # the L classes the walk chooses from
     lut = torch.full((256,), -1, dtype=torch.int64)
     lut[labels] = torch.arange(len(labels))
-    seeds = lut[scribble.long()]  # 255 and any class the prior calls absent: not a seed
+    seeds = lut[scribble.long()]  # 255: not a seed
     walked = random_walk(
         image.permute(1, 2, 0).numpy(),
         seeds.numpy(),

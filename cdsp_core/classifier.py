@@ -65,6 +65,14 @@ def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tens
 
 
 @torch.no_grad()
+def f1_per_class(predicted: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """F1 per class (K,) from boolean (N, K) predictions and targets; NaN for a class neither present
+    nor predicted in any image (undefined, as its AP is, and left out of the macro mean)."""
+    tp = (predicted & targets).sum(0).double()
+    counted = (predicted.sum(0) + targets.sum(0)).double()
+    return torch.where(counted > 0, 2 * tp / counted.clamp(min=1), torch.full_like(tp, float("nan")))
+
+
 def classifier_quality(model: nn.Module, dataset: WholeImageDataset, runner: Runner, label_key: str) -> dict[str, Any]:
     """Image-label quality of the stage-1 classifier on whole images (the validation split).
 
@@ -84,14 +92,12 @@ def classifier_quality(model: nn.Module, dataset: WholeImageDataset, runner: Run
         targets[i] = torch.from_numpy(image_labels(sample[label_key].numpy(), dataset.num_classes)).double()
     net.train(was_training)
     scores, targets = runner.all_reduce(scores), runner.all_reduce(targets)
-    predicted = scores > 0
-    tp = (predicted & (targets > 0)).sum(0).double()
-    f1 = 2 * tp / (predicted.sum(0) + targets.sum(0)).clamp(min=1)
+    f1 = f1_per_class(scores > 0, targets > 0)
     ap = average_precision(scores, targets)
     return {
         "cls_map": round(100 * float(ap.nanmean()), 4),
-        "cls_f1": round(100 * float(f1.mean()), 4),
-        "cls_f1_per_class": [round(100 * float(v), 2) for v in f1],
+        "cls_f1": round(100 * float(f1.nanmean()), 4),
+        "cls_f1_per_class": [None if v != v else round(100 * float(v), 2) for v in f1.tolist()],
     }
 
 

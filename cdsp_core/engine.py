@@ -337,11 +337,14 @@ def sync_batchnorm(model: nn.Module, spec: ExperimentSpec, world_size: int) -> n
     return model
 
 
-def build_stage2_model(spec: ExperimentSpec) -> nn.Module:
+def build_stage2_model(spec: ExperimentSpec, pretrained: bool = True) -> nn.Module:
+    """The spec's segmentor; `pretrained=False` skips the backbone's initial weights (for a model whose
+    weights come next from a checkpoint, on a machine that may not hold the ImageNet file)."""
     s2 = spec.stage2
     with_lorm = s2.losses.lorm and s2.loss_weights.lorm > 0
+    weights = s2.pretrained if pretrained else "none"
     return build_segmentor(
-        s2.segmentor, s2.backbone, spec.data.num_classes, s2.output_stride, s2.pretrained, with_lorm, s2.lorm_mask,
+        s2.segmentor, s2.backbone, spec.data.num_classes, s2.output_stride, weights, with_lorm, s2.lorm_mask,
         s2.head_form, stage2_rates(spec), s2.lorm_temperature,
     )  # fmt: skip
 

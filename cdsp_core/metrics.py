@@ -11,18 +11,25 @@ from cdsp_core.runs import QUALITY_KEYS
 
 
 class ConfusionMatrix:
-    """K x K counts: rows = ground truth, columns = prediction; label 255 is skipped."""
+    """Counts with rows = ground truth, columns = prediction; ground-truth label 255 is skipped.
+
+    `mat` is K x (K + 1): the last column counts pixels given no class (a prediction outside 0..K-1,
+    such as the 255 an external pseudo-label leaves unlabelled). Such a pixel is a miss for its
+    ground-truth class and a false positive for none.
+    """
 
     def __init__(self, num_classes: int, device: torch.device | str = "cpu"):
         self.num_classes = num_classes
-        self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+        self.mat = torch.zeros(num_classes, num_classes + 1, dtype=torch.int64, device=device)
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         k = self.num_classes
         target = target.to(self.mat.device).reshape(-1).long()
         pred = pred.to(self.mat.device).reshape(-1).long()
         valid = (target >= 0) & (target < k)
-        self.mat += torch.bincount(target[valid] * k + pred[valid], minlength=k * k).reshape(k, k)
+        target, pred = target[valid], pred[valid]
+        pred = torch.where((pred >= 0) & (pred < k), pred, k)
+        self.mat += torch.bincount(target * (k + 1) + pred, minlength=k * (k + 1)).reshape(k, k + 1)
 
     def all_reduce(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Sum the counts of every rank (`reduce` is a sum all-reduce; identity in one process)."""
@@ -31,8 +38,8 @@ class ConfusionMatrix:
     def iou(self) -> torch.Tensor:
         """Per-class IoU in [0, 1]; NaN for a class absent from both ground truth and prediction."""
         mat = self.mat.double()
-        inter = mat.diag()
-        union = mat.sum(0) + mat.sum(1) - inter
+        inter = mat.diag()  # of the K x K part
+        union = mat[:, : self.num_classes].sum(0) + mat.sum(1) - inter
         return torch.where(union > 0, inter / union.clamp(min=1), torch.full_like(inter, float("nan")))
 
     def miou(self) -> float:

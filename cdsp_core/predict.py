@@ -30,7 +30,7 @@ def load_segmentor(checkpoint: str, device: str = "cpu") -> tuple[torch.nn.Modul
     if state.get("stage") != "stage2":
         raise ValueError(f"checkpoint {checkpoint} is a {state.get('stage')!r} checkpoint; predict needs stage 2")
     spec = validate_spec(state["spec"])
-    model = build_stage2_model(spec)
+    model = build_stage2_model(spec, pretrained=False)  # the checkpoint holds every weight
     model.load_state_dict(state["model"])
     return model.to(device).eval(), spec
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -97,3 +98,26 @@ def test_ray_is_a_flag_and_the_cluster_an_option(invoke, tmp_path: Path) -> None
     assert result.exit_code == 2 and "local" in result.output
     help_text = " ".join(invoke("run", "--help").output.split())
     assert "--ray" in help_text and "--address" in help_text and "implies --ray" in help_text
+
+
+def test_a_checkpoint_trained_from_imagenet_weights_loads_where_those_weights_are_absent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prediction takes every weight from the checkpoint: it never needs the backbone's initial weights
+    (it used to rebuild the model with them and fail on a machine without the ImageNet file)."""
+    from cdsp_core.engine import build_stage2_model
+    from cdsp_core.predict import load_segmentor
+    from cdsp_core.spec import validate_spec
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-cache"))
+    raw = {"name": "imagenet-init", "kind": "stage2", "data": {"num_classes": 3, "pseudo_label_dir": "p"}}
+    raw["stage2"] = {"backbone": "resnet18", "pretrained": "imagenet"}
+    spec = validate_spec(raw)
+    with pytest.raises(FileNotFoundError, match="no ImageNet weights"):
+        build_stage2_model(spec)  # what the machine lacks
+    trained = build_stage2_model(spec, pretrained=False)
+    checkpoint = tmp_path / "stage2-epoch001.pt"
+    torch.save({"stage": "stage2", "spec": spec.model_dump(mode="json"), "model": trained.state_dict()}, checkpoint)
+    model, _ = load_segmentor(str(checkpoint))
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, trained.state_dict()[name]), name

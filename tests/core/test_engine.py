@@ -46,6 +46,20 @@ def test_confusion_matrix_golden_miou_and_ignore():
     assert doubled.miou() == pytest.approx(cm.miou())
 
 
+def test_a_pixel_given_no_class_is_a_miss_for_its_class_and_a_false_positive_for_none():
+    """An external pseudo-label leaves pixels at 255: each counts against its ground-truth class only
+    (it used to land in another class's cell, or to break the matrix's shape)."""
+    k = 21
+    cm = ConfusionMatrix(k)
+    target = torch.tensor([0, 0, 3, 3, 15, 15, 255])
+    pred = torch.tensor([0, 255, 3, 3, 15, 255, 255])
+    cm.update(pred, target)
+    # IoU0 = 1/2, IoU3 = 1, IoU15 = 1/2; every other class absent (NaN), the 255-target pixel skipped.
+    assert cm.miou() == pytest.approx(100 * (1 / 2 + 1 + 1 / 2) / 3)
+    assert cm.mat.sum() == 6 and cm.mat[:, k].tolist()[0] == 1 and cm.mat[:, k].tolist()[15] == 1
+    assert cm.pixel_accuracy() == pytest.approx(100 * 4 / 6)
+
+
 COLOURS = torch.tensor([[0.0, 0.0, 0.0], [255.0, 0.0, 0.0], [0.0, 255.0, 0.0]])
 
 

@@ -1,11 +1,13 @@
 """Our dense stage 1: its loss, the present-class restriction, refinement, quality figures, determinism."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from cdsp_core.cam import dense_probs, generate_pseudo_labels, pseudo_label, refine
-from cdsp_core.classifier import average_precision, restrict_to_present, stage1_loss
+from cdsp_core.classifier import average_precision, f1_per_class, restrict_to_present, stage1_loss
 from cdsp_core.metrics import LabelQuality
 from cdsp_core.models import build_classifier
 from cdsp_core.runner import Runner
@@ -89,6 +91,21 @@ def test_refinement_keeps_every_scribble_and_never_adds_an_absent_class():
     assert set(label.unique().tolist()) <= {0, 3}
 
 
+def test_a_scribbled_class_whose_prior_is_zero_still_spreads_from_its_seeds():
+    """A CAM can be zero everywhere for a scribbled class; the walk keeps that class (it used to drop
+    it, leaving the class on its scribble pixels alone)."""
+    image = torch.full((3, 12, 12), 0.5)  # flat: every edge alike
+    probs = torch.zeros(3, 12, 12)
+    probs[0] = 1.0  # the prior knows background only
+    scribble = torch.full((12, 12), 255)
+    scribble[2:4, 2:4] = 2  # class 2 scribbled, 4 pixels, zero prior
+    scribble[10, 10] = 0
+    refined = refine(image, probs, scribble, Stage1Spec(rw_beta=4.0, rw_prior_weight=1e-3))
+    label = pseudo_label(refined, scribble)
+    assert int((label == 2).sum()) > 4 * 4  # spread well beyond its 4 seed pixels
+    assert (refined[1] == 0).all()  # neither scribbled nor in the prior: still absent
+
+
 def test_label_quality_golden_values():
     gt = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1]])
     scribble = torch.tensor([[0, 255, 1, 255], [255, 255, 255, 255]])
@@ -103,6 +120,15 @@ def test_label_quality_golden_values():
     # Unscribbled pixels (6): the pseudo-label gets bg 2/3 and class 1 3/4; trivial bg 3/6, class 1 0.
     assert s["pseudo_label_unscribbled_miou"] == pytest.approx(100 * (2 / 3 + 3 / 4) / 2)
     assert s["trivial_label_unscribbled_miou"] == pytest.approx(100 * (3 / 6 + 0) / 2)
+
+
+def test_f1_per_class_golden_values_and_a_class_absent_from_the_split():
+    predicted = torch.tensor([[1, 0, 0], [1, 1, 0], [0, 1, 0]], dtype=torch.bool)
+    targets = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 1, 0]], dtype=torch.bool)
+    f1 = f1_per_class(predicted, targets)
+    # Class 0: tp 1, 2 predicted, 1 present -> 2/3; class 1: tp 2 of 2 and 2 -> 1; class 2: undefined.
+    assert f1[:2].tolist() == pytest.approx([2 / 3, 1.0]) and math.isnan(f1[2])
+    assert float(f1.nanmean()) == pytest.approx((2 / 3 + 1) / 2)  # a perfect class 1 is not dragged by 2
 
 
 def test_average_precision_golden_values():
