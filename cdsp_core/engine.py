@@ -182,6 +182,7 @@ def fit(
             if runner.on_step is not None:
                 runner.on_step(stage, epoch, step)
         row = _epoch_row(stage, epoch, epochs, step, sums, steps_per_epoch, runner, lr)
+        check_finite(row, stage.split("-")[0])  # every rank the same row: all raise, none waits
         if evaluate_fn is not None:
             row.update(evaluate_fn(model, epoch))
         row["epoch_seconds"] = timer.seconds()
@@ -210,6 +211,24 @@ def fit(
             shutil.rmtree(folder, ignore_errors=True)  # the host has had it; the run folder keeps a copy
         last_row = row
     return model, last_row
+
+
+class TrainingDiverged(RuntimeError):
+    """The epoch's mean training loss is NaN or infinite: the weights are lost to it."""
+
+
+def check_finite(row: dict[str, Any], section: str) -> None:
+    """Stop a diverged stage before its epoch is saved: the run's latest checkpoint stays the last good
+    epoch (a retry resumes from it, not from NaN weights), and no search trial trains on for nothing."""
+    loss = row.get("loss")
+    if loss is None or math.isfinite(loss):
+        return
+    terms = ", ".join(f"{k[5:]} {v}" for k, v in sorted(row.items()) if k.startswith("loss_"))
+    raise TrainingDiverged(
+        f"{row['stage']} epoch {row['epoch']}: the training loss is {loss} ({terms or 'one term'}): training "
+        f"diverged at learning rate {row['lr']:.3g}; nothing of this epoch was saved. Lower {section}.lr "
+        "(or the loss weights) and retry: it resumes from the last saved epoch"
+    )
 
 
 def ensure_logged(run: str, row: dict[str, Any]) -> None:

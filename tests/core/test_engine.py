@@ -11,7 +11,7 @@ from torch import nn
 from cdsp_core import runs
 from cdsp_core.data.dataset import WholeImageDataset
 from cdsp_core.data.files import write_label
-from cdsp_core.engine import evaluate, lr_at
+from cdsp_core.engine import TrainingDiverged, evaluate, fit, lr_at
 from cdsp_core.metrics import ConfusionMatrix
 from cdsp_core.pipeline import run_pipeline
 from cdsp_core.runner import Runner, list_checkpoints, load_checkpoint
@@ -232,6 +232,30 @@ def test_a_run_killed_between_checkpoint_and_metrics_row_logs_that_epoch_once(ti
     assert [r["epoch"] for r in rows] == [1]
     run_pipeline(spec, out, Runner(run=out, progress=False), figures=False)  # finished: nothing appended
     assert len([r for r in runs.read_jsonl(runs.join(out, runs.METRICS)) if r["stage"] == "stage2"]) == 1
+
+
+def test_a_diverged_epoch_stops_the_stage_and_keeps_the_last_good_checkpoint(tiny_synth, tmp_path):
+    """The loss turns NaN in epoch 2 (as with too high a rate): the stage stops there, naming the epoch
+    and the rate, and saves nothing of that epoch, so a retry resumes from epoch 1's weights."""
+    spec = tiny_spec(tiny_synth)
+    out = str(tmp_path / "run")
+    model = nn.Linear(2, 1)
+    batches = [torch.ones(2, 2), torch.ones(2, 2)]
+
+    def poisoned_in_epoch_2(net, batch, step):
+        loss = net(batch).pow(2).mean()
+        return (loss * float("nan") if step >= 2 else loss), {"segs": loss.detach()}
+
+    def sgd(net):
+        return torch.optim.SGD(net.parameters(), lr=0.1)
+
+    with pytest.raises(TrainingDiverged, match=r"stage2 epoch 2: the training loss is nan .* Lower stage2.lr"):
+        fit("stage2", model, sgd, batches, poisoned_in_epoch_2, Runner(run=out, progress=False), spec,
+            epochs=3, warmup_epochs=0, keep=5, amp=False)  # fmt: skip
+    assert list_checkpoints(out, "stage2") == ["stage2-epoch001.pt"]
+    assert [r["epoch"] for r in runs.read_jsonl(runs.join(out, runs.METRICS))] == [1]
+    weights = load_checkpoint(runs.local_path(runs.join(out, "checkpoints/stage2-epoch001.pt")))["model"]
+    assert all(bool(torch.isfinite(v).all()) for v in weights.values())
 
 
 def test_dataset_problems_fail_before_training(tmp_path, tiny_synth):
