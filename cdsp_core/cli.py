@@ -12,12 +12,14 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 if TYPE_CHECKING:
     from cdsp_core.spec import ExperimentSpec
 
-console = Console()
-err = Console(stderr=True)
+# No markup parsing of what we print: paths and messages are text ("[a]" in a path stays).
+console = Console(markup=False, soft_wrap=True)
+err = Console(stderr=True, markup=False, soft_wrap=True)
 
 data_app = typer.Typer(
     help="Dataset tools: synthetic data, scribble variants, distance maps, converters.",
@@ -29,7 +31,7 @@ RootOpt = Annotated[Path, typer.Option("--root", help="Dataset root (VOC/Scribbl
 
 def fail(message: str) -> None:
     """Print a one-line error and exit 2."""
-    err.print(f"[red]error:[/red] {message}")
+    err.print("[red]error:[/red] " + escape(message), markup=True)
     raise typer.Exit(2)
 
 
@@ -58,7 +60,7 @@ def data_synth(
         fail(f"--objects must be N or MIN-MAX (e.g. 1 or 2-3), got {objects!r}")
     try:
         stats = generate(root, train, val, size, classes, seed, workers=workers, objects=counts)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         fail(str(exc))
     console.print(
         f"wrote {stats['num_train']} train + {stats['num_val']} val images of {size} px, "
@@ -83,7 +85,6 @@ def data_variants(
     ] = "ImageSets/SegmentationAug/train.txt",
 ) -> None:
     """Write (or reuse) a cached shrink/drop variant of the scribbles."""
-    from cdsp_core.data.layout import DatasetError
     from cdsp_core.data.scribbles import make_variant
     from cdsp_core.spec import DataSpec
 
@@ -97,7 +98,7 @@ def data_variants(
             train_list=train_list,
         )
         folder = make_variant(data, shrink, drop, seed)
-    except (ValueError, DatasetError) as exc:
+    except (ValueError, OSError) as exc:  # DatasetError is a ValueError; a file where a folder goes...
         fail(str(exc))
     console.print(f"variant: {folder}")
 
@@ -117,7 +118,6 @@ def data_distance_maps(
 ) -> None:
     """Precompute the scribble (and pseudo-label boundary) distance maps of every training image."""
     from cdsp_core.data.distance_maps import write_distance_maps
-    from cdsp_core.data.layout import DatasetError
     from cdsp_core.spec import DataSpec
 
     try:
@@ -129,7 +129,7 @@ def data_distance_maps(
             train_list=train_list,
         )
         folder, n, seconds = write_distance_maps(data, out, lambda_s, lambda_c)
-    except (ValueError, DatasetError) as exc:
+    except (ValueError, OSError) as exc:  # DatasetError is a ValueError; a file where a folder goes...
         fail(str(exc))
     console.print(
         f"wrote {n} images' distance maps in {seconds:.1f} s ({1000 * seconds / max(n, 1):.2f} ms each) -> {folder}"
@@ -144,12 +144,11 @@ def data_scribblesup_xml(
     width: Annotated[int, typer.Option(help="Stroke width in pixels.")] = 3,
 ) -> None:
     """Convert the original ScribbleSup XML annotations to scribble PNGs."""
-    from cdsp_core.data.layout import DatasetError
     from cdsp_core.data.scribblesup import convert
 
     try:
         n = convert(xml_dir, out, images, width)
-    except (ValueError, DatasetError) as exc:
+    except (ValueError, OSError) as exc:  # DatasetError is a ValueError; a file where a folder goes...
         fail(str(exc))
     console.print(f"converted {n} annotations -> {out}")
 
@@ -164,12 +163,11 @@ def data_degrade(
 ) -> None:
     """Pseudo-labels of controlled quality: ground truth with CAM-like errors (for the Table 3 study)."""
     from cdsp_core.data.degrade import write_degraded
-    from cdsp_core.data.layout import DatasetError
     from cdsp_core.spec import DataSpec
 
     try:
         name, miou = write_degraded(DataSpec(root=str(root), num_classes=num_classes), level, seed, out)
-    except (ValueError, DatasetError) as exc:
+    except (ValueError, OSError) as exc:  # DatasetError is a ValueError; a file where a folder goes...
         fail(str(exc))
     console.print(f"pseudo-labels at level {level:g}: {miou:.2f} mIoU against ground truth -> {root / name}")
     console.print(f"use them with: --set data.pseudo_label_dir={name}")
@@ -184,12 +182,11 @@ def data_trivial(
     """The trivial label as pseudo-labels (scribbled pixels keep their class, the rest is background):
     the baseline a stage 1 must beat."""
     from cdsp_core.data.degrade import write_trivial
-    from cdsp_core.data.layout import DatasetError
     from cdsp_core.spec import DataSpec
 
     try:
         name = write_trivial(DataSpec(root=str(root), num_classes=num_classes), out)
-    except (ValueError, DatasetError) as exc:
+    except (ValueError, OSError) as exc:  # DatasetError is a ValueError; a file where a folder goes...
         fail(str(exc))
     console.print(f"trivial labels -> {root / name}")
     console.print(f"use them with: --set data.pseudo_label_dir={name}")
@@ -227,7 +224,7 @@ def predict(
 
     try:
         written = predict_files(checkpoint, images, out, device=device, raw=raw)
-    except (DatasetError, ValueError, FileNotFoundError) as exc:
+    except (DatasetError, ValueError, OSError) as exc:
         fail(str(exc))
     for path in written:
         console.print(str(path))

@@ -281,7 +281,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise SpecError([(key, f"value {raw!r} is not valid YAML: {exc}")]) from exc
+        raise SpecError([(key, f"value {raw!r} is not valid YAML: {yaml_problem(exc)}")]) from None
     return key, value
 
 
@@ -295,6 +295,15 @@ def validate_spec(data: Mapping[str, Any]) -> ExperimentSpec:
             path = ".".join(str(p) for p in err["loc"])
             errors.append((path, err["msg"]))
         raise SpecError(errors) from None
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: `line L, column C: problem (context)`."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        context = f" ({exc.context})" if exc.context else ""
+        return f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}{context}"
+    return " ".join(str(exc).split())
 
 
 def load_spec(source: str | Path | Mapping[str, Any], overrides: Iterable[str] = ()) -> ExperimentSpec:
@@ -315,7 +324,7 @@ def load_spec(source: str | Path | Mapping[str, Any], overrides: Iterable[str] =
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise SpecError([("", f"{location} is not valid YAML: {exc}")]) from None
+            raise SpecError([("", f"{location} is not valid YAML: {yaml_problem(exc)}")]) from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -7,6 +7,7 @@ are imported: the verbs start fast and need no torch.
 from __future__ import annotations
 
 import functools
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,10 +20,11 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Column, Table
 
-from service.client import ApiError, Client
+from service.client import ApiError, Client, ClientError
 
-console = Console()
-err = Console(stderr=True)
+# No markup parsing of what we print: ids, paths, errors and logs are text ("[a]" in a path stays).
+console = Console(markup=False)
+err = Console(stderr=True, markup=False)
 F = TypeVar("F", bound=Callable[..., Any])
 FINAL = ("succeeded", "failed", "cancelled")
 IdArg = Annotated[str, typer.Argument(help="Experiment id (from `cdsp submit` or `cdsp list`).")]
@@ -30,20 +32,38 @@ client_app = typer.Typer()
 """The client verbs, merged into the top level of `cdsp` (service/cli.py)."""
 
 
+def error(message: str) -> None:
+    """One `error:` line on stderr, the message as plain text."""
+    err.print("[red]error:[/red] " + escape(message), markup=True, soft_wrap=True)
+
+
 def handles_errors(fn: F) -> F:
-    """Turn API and connection errors into a one-line `error:` and exit code 1."""
+    """Turn API, connection and client-side errors into a one-line `error:` and exit code 1."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except ApiError as exc:
-            err.print(f"[red]error:[/red] {exc}")
+        except (ApiError, ClientError) as exc:
+            error(str(exc))
         except httpx.HTTPError as exc:
-            err.print(f"[red]error:[/red] cannot reach the service ({exc}); is `cdsp serve` running? (CDSP_URL)")
+            error(connection_problem(exc))
         raise typer.Exit(1)
 
     return wrapper  # type: ignore[return-value]
+
+
+def connection_problem(exc: httpx.HTTPError) -> str:
+    """What went wrong between the CLI and the service, naming the URL tried."""
+    try:
+        where = str(exc.request.url.copy_with(query=None))
+    except RuntimeError:  # no request attached
+        where = "the service"
+    if isinstance(exc, httpx.ConnectError):
+        return f"cannot reach {where} ({exc}); is `cdsp serve` running there? (CDSP_URL)"
+    if isinstance(exc, httpx.TimeoutException):
+        return f"{where} did not answer in time ({type(exc).__name__}); the service may be overloaded"
+    return f"talking to {where} failed ({type(exc).__name__}: {exc})"
 
 
 def describe(exp: dict[str, Any], brief: bool = False) -> str:
@@ -86,9 +106,10 @@ def wait_for(client: Client, experiment_id: str, poll: float = 1.0, timeout: flo
 
 def report(exp: dict[str, Any]) -> None:
     if exp["status"] == "succeeded":
-        console.print(f"[green]{exp['id']} succeeded[/green]: mIoU {exp.get('miou')}")
+        console.print(f"[green]{exp['id']} succeeded[/green]: mIoU {exp.get('miou')}", markup=True)
     else:
-        console.print(f"[red]{exp['id']} {exp['status']}[/red]: {exp.get('error') or ''}")
+        text = f"[red]{exp['id']} {exp['status']}[/red]: " + escape(exp.get("error") or "")
+        console.print(text, markup=True, soft_wrap=True)
 
 
 @client_app.command("submit")
@@ -107,7 +128,7 @@ def submit(
         spec = load_spec(spec_file, set_ or [])
     except SpecError as exc:
         for path, msg in exc.errors:
-            err.print(f"[red]error:[/red] {path or '<spec>'}: {msg}")
+            error(f"{path or '<spec>'}: {msg}")
         raise typer.Exit(2) from None
     with Client() as client:
         exp = client.submit(spec.model_dump(mode="json"), priority, key)
@@ -150,7 +171,7 @@ def status_(
     """One experiment: state, progress, metrics, result, Ray job, error (-f: a live display until it ends)."""
     with Client() as client:
         exp = wait_for(client, experiment_id) if follow else client.get(experiment_id)
-    console.print(describe(exp), markup=False)  # "[succeeded]" is text, not rich markup
+    console.print(describe(exp))
     for t in exp["transitions"]:
         moved = f"{t['from_status'] or '-':>11} -> {t['to_status']:<11}"
         console.print(f"  {t['at'][:19]}  {moved} {t['reason'] or ''}")
@@ -159,7 +180,7 @@ def status_(
     if exp.get("result"):
         console.print(f"  result: {exp['result']}")
     if exp.get("error"):
-        console.print(f"  [red]error:[/red] {exp['error']}")
+        console.print("  [red]error:[/red] " + escape(exp["error"]), markup=True, soft_wrap=True)
 
 
 @client_app.command("logs")
@@ -200,7 +221,9 @@ def retry(experiment_id: IdArg) -> None:
 @handles_errors
 def fetch(
     experiment_id: IdArg,
-    out: Annotated[Path, typer.Option("-o", "--out", help="File, or folder to put the checkpoint in.")],
+    out: Annotated[
+        str, typer.Option("-o", "--out", help="File, or folder (existing, or ending in /) to put the checkpoint in.")
+    ],
     checkpoint: Annotated[str | None, typer.Option(help="Checkpoint name; default the final one.")] = None,
 ) -> None:
     """Download a checkpoint and verify its SHA-256."""
@@ -209,9 +232,10 @@ def fetch(
         name = checkpoint or listing["final"] or (listing["items"][-1]["name"] if listing["items"] else None)
         if name is None:
             raise ApiError(404, f"experiment {experiment_id} has no checkpoint yet")
-        dest = out / name if out.is_dir() else out
+        folder = out.endswith(("/", os.sep)) or Path(out).is_dir()
+        dest = Path(out) / name if folder else Path(out)
         path, digest = client.download_checkpoint(experiment_id, name, dest)
-    console.print(f"{path}  sha256 {digest}")
+    console.print(f"{path}  sha256 {digest}", soft_wrap=True)  # one line, for scripts
 
 
 @client_app.command("trials")
@@ -239,6 +263,9 @@ def compare(experiment_ids: Annotated[list[str], typer.Argument(help="Two or mor
     """Key numbers of several experiments side by side, then the spec keys whose values differ."""
     from cdsp_core.spec import flatten
 
+    if len(experiment_ids) < 2:
+        error(f"compare needs two or more experiment ids, got {len(experiment_ids)}")
+        raise typer.Exit(2)
     with Client() as client:
         exps = [client.get(i) for i in experiment_ids]
     numbers = Table(Column("id", no_wrap=True), "name", "status", "epochs", "mIoU", "pseudo-label mIoU", "trivial")

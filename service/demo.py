@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from cdsp_core import runs
 from cdsp_core.data.layout import check_layout
@@ -59,7 +60,7 @@ def run_demo(config: Path, data_dir: Path, overrides: list[str], timeout: float)
     try:
         spec = load_spec(config, overrides)
     except SpecError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         return 2
     ensure_dataset(spec)
     token = secrets.token_urlsafe(24)
@@ -102,11 +103,11 @@ def _run(client: Client, spec: ExperimentSpec, timeout: float) -> int:
         try:
             final = wait_for(client, exp["id"], timeout=timeout)
         except (KeyboardInterrupt, TimeoutError) as exc:
-            console.print(f"[yellow]{type(exc).__name__}: cancelling {exp['id']}[/yellow] {exc}")
+            console.print(f"[yellow]{type(exc).__name__}: cancelling {exp['id']}[/yellow] {escape(str(exc))}")
             _cancel(client, exp["id"])
             return 130 if isinstance(exc, KeyboardInterrupt) else 1
         if final["status"] != "succeeded":
-            console.print(f"[red]{final['id']} {final['status']}:[/red] {final.get('error')}")
+            console.print(f"[red]{final['id']} {final['status']}:[/red] {escape(str(final.get('error')))}")
             console.out(client.logs(final["id"], tail=30), end="")
             return 1
         result = final["result"] or {}

@@ -121,3 +121,39 @@ def test_a_checkpoint_trained_from_imagenet_weights_loads_where_those_weights_ar
     model, _ = load_segmentor(str(checkpoint))
     for name, value in model.state_dict().items():
         assert torch.equal(value, trained.state_dict()[name]), name
+
+
+def test_errors_print_paths_as_text_not_markup(invoke, tmp_path: Path) -> None:
+    """A path with `[/x]` or `[bold]` in it comes back whole in the error (rich read it as markup: a
+    traceback for a closing tag, a wrong file name for an opening one)."""
+    for name in ("run[/x].yaml", "run[bold].yaml"):
+        result = invoke("run", tmp_path / name, "--out", tmp_path / "o")
+        assert result.exit_code == 2 and name in result.output and "Traceback" not in result.output
+
+
+def test_predict_refuses_bad_inputs_by_name_before_loading(invoke, tmp_path: Path) -> None:
+    """Each bad input is one line naming it, exit 2, and no mask is written."""
+    import cv2 as cv
+
+    for folder in ("a b", "c"):
+        (tmp_path / folder).mkdir()
+        cv.imwrite(str(tmp_path / folder / "x.jpg"), np.zeros((8, 8, 3), np.uint8))
+    junk = tmp_path / "junk.pt"
+    junk.write_text("garbage\n")
+    listing = tmp_path / "list.pt"
+    torch.save([1, 2], listing)
+    a, c, out = tmp_path / "a b" / "x.jpg", tmp_path / "c" / "x.jpg", tmp_path / "masks"
+    cases = {
+        "would both write x.png": ("predict", junk, a, c, "--out", out),
+        "is a file; give a folder": ("predict", junk, a, "--out", junk),
+        "--device 'bogus'": ("predict", junk, a, "--out", out, "--device", "bogus"),
+        f"checkpoint {junk}: not a readable checkpoint": ("predict", junk, a, "--out", out),
+        f"checkpoint {listing}: not a cdsp checkpoint": ("predict", listing, a, "--out", out),
+    }
+    if not torch.cuda.is_available():
+        cases["no CUDA device is visible"] = ("predict", junk, a, "--out", out, "--device", "cuda")
+    for expected, args in cases.items():
+        result = invoke(*args)
+        assert result.exit_code == 2 and expected in result.output, (expected, result.output)
+        assert "Traceback" not in result.output
+    assert not out.exists()

@@ -145,8 +145,8 @@ def test_unreadable_file_non_mapping_and_bad_yaml(tmp_path):
         load_spec(listing)
     broken = tmp_path / "broken.yaml"
     broken.write_text("stage2: [1\n")
-    with pytest.raises(SpecError, match=r"broken\.yaml is not valid YAML"):
-        load_spec(broken)
+    with pytest.raises(SpecError, match=r"broken\.yaml is not valid YAML: line 2, column 1: expected ',' or ']'"):
+        load_spec(broken)  # one line, where and what
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert load_spec(empty) == ExperimentSpec()

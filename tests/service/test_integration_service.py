@@ -153,7 +153,14 @@ def test_the_cli_client_verbs(service: ServiceProcess, tmp_path: Path) -> None:
     bad = runner.invoke(cli_app, ["submit", str(spec_file), "--set", "stage2.epochs=0"], env=env)
     assert bad.exit_code == 2 and "stage2.epochs" in bad.output
     nobody = runner.invoke(cli_app, ["list"], env={"CDSP_URL": "http://127.0.0.1:9", "CDSP_TOKEN": TOKEN})
-    assert nobody.exit_code == 1 and "cannot reach the service" in nobody.output
+    assert nobody.exit_code == 1 and "cannot reach http://127.0.0.1:9/v1/experiments" in nobody.output
+    into = cdsp("fetch", exp_id, "-o", f"{tmp_path}/new folder/")  # a trailing / names a folder to make
+    assert into.exit_code == 0 and (tmp_path / "new folder" / "stage2-epoch001.pt").is_file(), into.output
+    wrong = runner.invoke(cli_app, ["cancel", f"{exp_id}/../{exp_id}"], env=env)  # the id is one path segment
+    assert wrong.exit_code == 1 and "HTTP 404" in wrong.output
+    assert cdsp("status", exp_id).output.count("cancelled") == 0
+    single = runner.invoke(cli_app, ["compare", exp_id], env=env)
+    assert single.exit_code == 2 and "two or more" in single.output
 
 
 def test_the_served_openapi_and_docs(service: ServiceProcess) -> None:
