@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -97,9 +98,9 @@ def append_metrics(run: str, row: dict[str, Any]) -> None:
 
 
 def list_checkpoints(run: str, stage: str) -> list[str]:
-    """Checkpoint file names of a stage in the run folder, oldest first."""
+    """Checkpoint file names of a stage in the run folder, oldest first (by epoch)."""
     names = runs.listdir(runs.join(run, runs.CHECKPOINTS))
-    return sorted(n for n in names if n.startswith(f"{stage}-epoch") and n.endswith(".pt"))
+    return sorted((n for n in names if n.startswith(f"{stage}-epoch") and n.endswith(".pt")), key=runs.checkpoint_epoch)
 
 
 def latest_run_checkpoint(run: str, stage: str) -> Path | None:
@@ -112,7 +113,7 @@ def latest_run_checkpoint(run: str, stage: str) -> Path | None:
         return runs.local_path(location)
     import tempfile
 
-    return runs.download(location, Path(tempfile.mkdtemp(prefix="cdsp-ckpt-")) / names[-1])
+    return runs.download(location, Path(tempfile.mkdtemp(prefix=DOWNLOAD_PREFIX)) / names[-1])
 
 
 # ---- checkpoints --------------------------------------------------------------------------
@@ -130,7 +131,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # One state per GPU the saving process saw; a resumed one may see fewer (fewer workers on the
+        # node, another machine). Each epoch reseeds anyway (epoch_seed).
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
 
 
 def save_checkpoint(runner: Runner, stage: str, epoch: int, state: dict[str, Any], keep: int) -> Path:
@@ -151,9 +155,18 @@ def save_checkpoint(runner: Runner, stage: str, epoch: int, state: dict[str, Any
     return folder
 
 
+DOWNLOAD_PREFIX = "cdsp-download-"
+"""The temporary folder of a checkpoint fetched from remote storage or Ray to resume from."""
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint's content; a copy fetched into a DOWNLOAD_PREFIX folder is removed once read."""
     # Our checkpoints hold RNG states (numpy arrays, tuples): not loadable with weights_only.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    finally:
+        if path.parent.name.startswith(DOWNLOAD_PREFIX):
+            shutil.rmtree(path.parent, ignore_errors=True)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -42,6 +42,13 @@ CHECKPOINT_RE = re.compile(r"^(?P<stage>[a-z0-9_-]+)-epoch(?P<epoch>\d+)\.pt$")
 """A checkpoint's file name under checkpoints/: the stage (stage1, stage1-round2, stage2...) and the epoch."""
 
 
+def checkpoint_epoch(name: str) -> int:
+    """The epoch in a checkpoint's file name, the key to order them by (-1 for another name): as text,
+    `epoch1000` would sort before `epoch999`."""
+    m = CHECKPOINT_RE.match(name)
+    return int(m["epoch"]) if m else -1
+
+
 def checkpoint_name(stage: str, epoch: int) -> str:
     """The file name of a stage's checkpoint after an epoch (matches CHECKPOINT_RE)."""
     return f"{stage}-epoch{epoch:03d}.pt"

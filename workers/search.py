@@ -24,6 +24,7 @@ from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from cdsp_core import runs
 from cdsp_core.pipeline import PseudoLabels, prepare_run, pseudo_labels, run_pipeline
@@ -88,6 +89,7 @@ def run_trial(
 def trial_status(trial: Trial, epochs: int) -> str:
     if trial.status == Trial.ERROR:
         return "error"
+    epochs = int(trial.config.get("stage2.epochs", epochs))  # the trial's own, when the search sets it
     if trial.status == Trial.TERMINATED:
         done = trial.last_result.get("epoch") == epochs and trial.last_result.get("stage") == "stage2"
         return "finished" if done else "stopped"  # stopped early by ASHA
@@ -237,12 +239,14 @@ def make_tuner(spec: ExperimentSpec, out: str, labels: PseudoLabels) -> tune.Tun
         trainable,
         param_space={key: tune_domain(d) for key, d in search.space.items()},
         tune_config=tune.TuneConfig(
-            metric=search.metric, mode=search.mode, num_samples=search.num_samples,
-            max_concurrent_trials=search.max_concurrent_trials, scheduler=scheduler,
+            metric=search.metric, mode=search.mode, num_samples=search.num_samples, scheduler=scheduler,
+            # Random draws follow the spec's seed: the same spec samples the same trials.
+            search_alg=BasicVariantGenerator(max_concurrent=search.max_concurrent_trials, random_state=spec.seed),
             trial_name_creator=trial_name, trial_dirname_creator=trial_name,
         ),
         run_config=tune.RunConfig(
             name="tune", storage_path=storage_path, storage_filesystem=filesystem,
+            failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
             callbacks=[SearchRecorder(out, spec.stage2.epochs)],
         ),
     )  # fmt: skip
@@ -266,9 +270,14 @@ def run_search(
     log(f"search: {spec.search.max_concurrent_trials} concurrent trial(s) over {sorted(spec.search.space)}")
     tuner = make_tuner(spec, out, labels)
     # Results without `miou` (epochs between evaluations, `stage2.eval_every`) are normal here.
-    with env_vars({"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}):
+    # Tune's own Ctrl-C handler would end the loop quietly and mark running trials terminated, which
+    # would read as a finished search; without it, Ctrl-C interrupts, and a rerun resumes the search.
+    with env_vars({"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1", "TUNE_DISABLE_SIGINT_HANDLER": "1"}):
         tuner.fit()
     entries = runs.read_json(runs.join(out, runs.TRIALS)) or []  # written by SearchRecorder at the end
+    unfinished = [e["trial"] for e in entries if e["status"] in ("pending", "running", "paused")]
+    if unfinished:
+        raise RuntimeError(f"the search stopped with trials {unfinished} unfinished; run it again to resume")
     search_figures(out, entries)
     best = best_trial(entries, spec.search.mode)
     if best is None:

@@ -37,7 +37,7 @@ from ray.train.v2.torch.torch_trainer import TorchTrainer
 from cdsp_core import runs
 from cdsp_core.data.layout import Layout, read_ids
 from cdsp_core.pipeline import COMPLETE, StageFn, fetch_atomically
-from cdsp_core.runner import Runner, latest_run_checkpoint, list_checkpoints
+from cdsp_core.runner import DOWNLOAD_PREFIX, Runner, latest_run_checkpoint, list_checkpoints
 from cdsp_core.spec import ExperimentSpec
 
 RAY_STATE = "ray"
@@ -88,7 +88,7 @@ def _stage_file(checkpoint: Checkpoint, stage: str) -> str | None:
     fs = checkpoint.filesystem
     assert fs is not None
     infos = fs.get_file_info(pyarrow.fs.FileSelector(checkpoint.path))
-    names = sorted(Path(i.path).name for i in infos if i.is_file)
+    names = sorted((Path(i.path).name for i in infos if i.is_file), key=runs.checkpoint_epoch)
     return next((n for n in reversed(names) if n.startswith(f"{stage}-epoch") and n.endswith(".pt")), None)
 
 
@@ -99,12 +99,12 @@ def latest_checkpoint(run: str, stage: str) -> Path | None:
     ckpt = ray.train.get_checkpoint()
     name = _stage_file(ckpt, stage) if ckpt is not None else None
     newest = list_checkpoints(run, stage)
-    if name is None or (newest and newest[-1] > name):
+    if name is None or (newest and runs.checkpoint_epoch(newest[-1]) > runs.checkpoint_epoch(name)):
         return latest_run_checkpoint(run, stage)
     assert ckpt is not None
     if isinstance(ckpt.filesystem, pyarrow.fs.LocalFileSystem):
         return Path(ckpt.path) / name
-    local = Path(tempfile.mkdtemp(prefix="cdsp-resume-"))
+    local = Path(tempfile.mkdtemp(prefix=DOWNLOAD_PREFIX))  # removed by load_checkpoint
     ckpt.to_directory(str(local))
     return local / name
 

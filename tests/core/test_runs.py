@@ -109,3 +109,33 @@ def test_run_result_is_the_one_shape_of_result_json(tmp_path):
     assert not set(runs.RunResult.SEARCH_ONLY) & set(written)  # a single run has no search keys
     search = runs.RunResult("s", "search", best_trial="t1", params={"stage2.lambda_s": 2.0}, trials=4).to_dict()
     assert (search["best_trial"], search["trials"], "trial" in search) == ("t1", 4, False)
+
+
+def test_checkpoints_are_ordered_by_epoch_past_999(tmp_path):
+    """`epoch1000` sorts before `epoch999` as text: the rotation would delete the newest checkpoint
+    and a resume would start from epoch 999."""
+    from cdsp_core.runner import latest_run_checkpoint, list_checkpoints
+
+    for epoch in (998, 999, 1000, 1001):
+        runs.write_bytes(runs.join(str(tmp_path), runs.CHECKPOINTS, runs.checkpoint_name("stage2", epoch)), b"x")
+    runs.write_bytes(runs.join(str(tmp_path), runs.CHECKPOINTS, "stage2-round2-epoch005.pt"), b"x")  # another stage
+    names = list_checkpoints(str(tmp_path), "stage2")
+    assert names == ["stage2-epoch998.pt", "stage2-epoch999.pt", "stage2-epoch1000.pt", "stage2-epoch1001.pt"]
+    assert latest_run_checkpoint(str(tmp_path), "stage2").name == "stage2-epoch1001.pt"
+    assert runs.checkpoint_epoch("notes.pt") == -1
+
+
+def test_a_downloaded_checkpoint_is_removed_once_read(tmp_path):
+    import tempfile
+
+    import torch
+
+    from cdsp_core.runner import DOWNLOAD_PREFIX, load_checkpoint
+
+    folder = tempfile.mkdtemp(prefix=DOWNLOAD_PREFIX, dir=tmp_path)
+    fetched = tmp_path / folder / "stage2-epoch001.pt"
+    torch.save({"epoch": 1}, fetched)
+    kept = tmp_path / "stage2-epoch001.pt"
+    torch.save({"epoch": 1}, kept)
+    assert load_checkpoint(fetched) == {"epoch": 1} and not fetched.parent.exists()
+    assert load_checkpoint(kept) == {"epoch": 1} and kept.exists()  # the run folder's own file stays

@@ -69,6 +69,17 @@ def test_model_batches_and_loss_share_the_gpu_in_one_process(tiny_synth: Path, t
     assert seen and all(a == b and a.startswith("cuda") for a, b in seen), sorted(set(seen))
 
 
+def test_a_checkpoint_saved_with_more_gpus_in_view_resumes_on_fewer() -> None:
+    """Rank 0 saves one CUDA RNG state per GPU it sees; a resume that sees fewer (fewer workers on the
+    node, another machine) restores those it has (it raised IndexError on every retry)."""
+    from cdsp_core.runner import rng_state, set_rng_state
+
+    state = rng_state()
+    state["cuda"] = [*state["cuda"], *state["cuda"]]  # as saved where twice as many GPUs were visible
+    set_rng_state(state)
+    assert torch.equal(torch.cuda.get_rng_state(0), state["cuda"][0])
+
+
 def test_bf16_autocast_loss_is_close_to_fp32_on_the_same_batch() -> None:
     """The CDSP loss (all five terms) of one batch from the same weights, dropout off: bf16 autocast
     (what the engine runs on CUDA) within 2 % of float32."""
