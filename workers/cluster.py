@@ -120,6 +120,20 @@ class ResourcesUnavailable(RuntimeError):
     """The cluster cannot give a run's workers what they ask for, and did not grow to within the wait."""
 
 
+def workers_that_fit(nodes: list[dict[str, float]], cpus_per_worker: float, use_gpu: bool) -> int:
+    """How many workers of `cpus_per_worker` CPUs (and one GPU each with `use_gpu`) the nodes hold at once."""
+    gpus = (lambda r: r.get("GPU", 0)) if use_gpu else (lambda r: float("inf"))
+    return sum(int(min(r.get("CPU", 0) // cpus_per_worker, gpus(r))) for r in nodes)
+
+
+def trainers_that_fit(num_workers: int, cpus_per_worker: float, use_gpu: bool) -> int:
+    """How many trainers of `num_workers` such workers the connected cluster's live nodes run side by side."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    return workers_that_fit(nodes, cpus_per_worker, use_gpu) // max(1, num_workers)
+
+
 def wait_for_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool, wait: float | None = None) -> None:
     """Return once some nodes of the connected cluster can hold every worker (`cpus_per_worker` CPUs and,
     with `use_gpu`, one GPU each, on one node); raise ResourcesUnavailable naming what is missing after
@@ -132,9 +146,7 @@ def wait_for_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool, 
     deadline = time.monotonic() + wait
     while True:
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        fits = sum(
-            int(min(r.get("CPU", 0) // cpus_per_worker, r.get("GPU", 0) if use_gpu else float("inf"))) for r in nodes
-        )
+        fits = workers_that_fit(nodes, cpus_per_worker, use_gpu)
         if fits >= num_workers:
             return
         if time.monotonic() > deadline:

@@ -30,7 +30,7 @@ from cdsp_core import runs
 from cdsp_core.pipeline import PseudoLabels, prepare_run, pseudo_labels, run_pipeline
 from cdsp_core.runner import append_metrics, list_checkpoints
 from cdsp_core.spec import Domain, ExperimentSpec, validate_spec
-from workers.cluster import env_vars, job_env
+from workers.cluster import env_vars, job_env, trainers_that_fit
 from workers.train import RayLauncher, ray_storage, worker_spec
 
 TRIALS_DIR = "trials"
@@ -212,7 +212,9 @@ def _search_figures(search_dir: str, entries: Sequence[dict[str, Any]], out: Pat
 # ---- the driver ---------------------------------------------------------------------------
 
 
-def make_tuner(spec: ExperimentSpec, out: str, labels: PseudoLabels) -> tune.Tuner:
+def make_tuner(spec: ExperimentSpec, out: str, labels: PseudoLabels, concurrent: int | None = None) -> tune.Tuner:
+    """The search's Tuner (restored when the search folder holds one); at most `concurrent` trials at a
+    time (default `search.max_concurrent_trials`)."""
     search = spec.search
     assert search is not None
     trainable = tune.with_parameters(
@@ -241,7 +243,9 @@ def make_tuner(spec: ExperimentSpec, out: str, labels: PseudoLabels) -> tune.Tun
         tune_config=tune.TuneConfig(
             metric=search.metric, mode=search.mode, num_samples=search.num_samples, scheduler=scheduler,
             # Random draws follow the spec's seed: the same spec samples the same trials.
-            search_alg=BasicVariantGenerator(max_concurrent=search.max_concurrent_trials, random_state=spec.seed),
+            search_alg=BasicVariantGenerator(
+                max_concurrent=concurrent or search.max_concurrent_trials, random_state=spec.seed
+            ),
             trial_name_creator=trial_name, trial_dirname_creator=trial_name,
         ),
         run_config=tune.RunConfig(
@@ -267,8 +271,15 @@ def run_search(
     epochs = {"stage2": spec.stage2.epochs}
     if labels.source is not None:
         epochs = {"stage1": spec.stage1.total_epochs, **epochs}
-    log(f"search: {spec.search.max_concurrent_trials} concurrent trial(s) over {sorted(spec.search.space)}")
-    tuner = make_tuner(spec, out, labels)
+    # A trial started beside others that the cluster cannot hold waits for workers, and Ray Train
+    # counts each minute of waiting as a failure of its controller: the trial errors after a few.
+    res, wanted = spec.resources, spec.search.max_concurrent_trials
+    concurrent = max(1, min(wanted, trainers_that_fit(res.num_workers, res.cpus_per_worker, res.use_gpu)))
+    if concurrent < wanted:
+        log(f"search: the cluster holds {concurrent} trial(s) of {res.num_workers} worker(s) at once, "
+            f"so {concurrent} run at a time, not search.max_concurrent_trials={wanted}")  # fmt: skip
+    log(f"search: {concurrent} concurrent trial(s) over {sorted(spec.search.space)}")
+    tuner = make_tuner(spec, out, labels, concurrent)
     # Results without `miou` (epochs between evaluations, `stage2.eval_every`) are normal here.
     # Tune's own Ctrl-C handler would end the loop quietly and mark running trials terminated, which
     # would read as a finished search; without it, Ctrl-C interrupts, and a rerun resumes the search.

@@ -201,6 +201,16 @@ def controller_failure_limit() -> int:
     return int(os.environ.get(CONTROLLER_FAILURE_LIMIT_ENV, DEFAULT_CONTROLLER_FAILURE_LIMIT))
 
 
+class Trainer(TorchTrainer):
+    """A TorchTrainer that leaves Ctrl-C to the driver. Ray's own handler aborts the run quietly and
+    stays installed: `fit` then returned no value, so that an interrupted stage read as a broken one
+    (exit 1) and later Ctrl-Cs went to a dead controller. Here it is a KeyboardInterrupt: `cdsp run`
+    ends with `error: interrupted` (130) and the driver's Ray actors go with it."""
+
+    def _register_sigint_handler(self, controller: Any) -> None:
+        return None
+
+
 def make_trainer(
     fn: StageFn, spec: ExperimentSpec, run: str, kwargs: dict[str, Any], callbacks: Sequence[Any] = ()
 ) -> TorchTrainer:
@@ -216,7 +226,7 @@ def make_trainer(
     per_worker: dict[str, float] = {"CPU": res.cpus_per_worker}
     if res.use_gpu:
         per_worker["GPU"] = 1
-    return TorchTrainer(
+    return Trainer(
         partial(stage_worker, fn),  # rank 0's return value becomes Result.return_value
         train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),

@@ -49,7 +49,7 @@ def test_two_ranks_stay_in_sync_and_share_the_work(ray_cluster: Any, tiny_synth:
     val_ids = (tiny_synth / "ImageSets/SegmentationAug/val.txt").read_text().split()
     gts = [cv2.imread(str(tiny_synth / "SegmentationClassAug" / f"{i}.png"), cv2.IMREAD_UNCHANGED) for i in val_ids]
     pixels = int(sum(np.count_nonzero(g < 3) for g in gts))
-    assert [r["confusion_shape"] for r in reports] == [[3, 3], [3, 3]]
+    assert [r["confusion_shape"] for r in reports] == [[3, 4], [3, 4]]  # K x (K + 1): the last column counts "no class"
     assert [r["confusion_total"] for r in reports] == [pixels, pixels]  # every val pixel, once, on every rank
 
     train_ids = (tiny_synth / "ImageSets/SegmentationAug/train.txt").read_text().split()

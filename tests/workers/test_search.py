@@ -158,3 +158,26 @@ def test_random_search_with_asha_a_failing_trial_and_bounded_concurrency(
         spans.append((rows[0]["time"] - rows[0]["epoch_seconds"], rows[-1]["time"]))
     overlap = max(sum(s <= at < e for s, e in spans) for at, _ in spans)
     assert 1 <= overlap <= 2, spans
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_search_runs_no_more_trials_at_once_than_the_cluster_holds(
+    ray_cluster: Any, tiny_synth: Path, tmp_path: Path
+) -> None:
+    """Two trials asked to run side by side, each needing the cluster's 2 CPUs: they run one after the
+    other and both finish. (The second used to start beside the first and wait for workers; Ray Train
+    counts each minute of that wait as a failure of its controller, so behind a long trial it erred.)"""
+    spec = tiny_spec(
+        tiny_synth, kind="search", stage2__epochs=1, resources__num_workers=1, resources__cpus_per_worker=2,
+        data__pseudo_label_dir="SegmentationClassAug", search__max_concurrent_trials=2,
+        search__space={"stage2.lambda_s": {"grid": [0.0, 1.0]}},
+    )  # fmt: skip
+    path, out = tmp_path / "spec.yaml", tmp_path / "search"
+    path.write_text(spec.to_yaml())
+    proc = run_entrypoint(["--spec", str(path), "--out", str(out), "--address", ray_cluster.address], timeout=360)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "so 1 run at a time, not search.max_concurrent_trials=2" in proc.stdout
+    trials = json.loads((out / "trials.json").read_text())
+    assert [t["status"] for t in trials] == ["finished", "finished"], trials

@@ -92,6 +92,30 @@ def test_sigterm_to_cdsp_run_stops_its_cluster(tmp_path: Path, tiny_synth: Path)
 
 
 @pytest.mark.timeout(300)
+def test_ctrl_c_in_training_interrupts_cdsp_run_and_stops_its_cluster(tmp_path: Path, tiny_synth: Path) -> None:
+    """SIGINT while a stage trains: `error: interrupted`, exit 130, no Ray process left (Ray's handler
+    used to abort the stage quietly, and the run ended as a broken one)."""
+    proc, temp_dir = start_run(tmp_path, tiny_synth)
+    try:
+        assert proc.stdout is not None
+        seen = []
+        for line in proc.stdout:  # until an epoch has trained: the SIGINT lands inside a stage
+            seen.append(line)
+            if re.search(r"epoch \d+/\d+", line):
+                break
+        proc.send_signal(signal.SIGINT)
+        rest = proc.stdout.read()
+        proc.wait(timeout=90)
+        assert proc.returncode == 130, "".join(seen)[-2000:] + rest[-3000:]
+        assert rest.rstrip().endswith("error: interrupted"), rest[-3000:]
+        assert not wait_gone(temp_dir, 60), "the local Ray cluster outlived `cdsp run --ray`"
+    finally:
+        proc.kill()
+        for pid in cluster_processes(temp_dir):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(300)
 def test_a_killed_driver_takes_its_cluster_with_it(tmp_path: Path, tiny_synth: Path) -> None:
     proc, temp_dir = start_run(tmp_path, tiny_synth)
     try:
