@@ -164,6 +164,6 @@ def train_classifier(
     model, _ = fit(
         stage1_name(round_), model, make_optimizer, loader, compute_loss, runner, spec,
         epochs=s1.round_epochs if later else s1.epochs, warmup_epochs=0, keep=1, amp=s1.amp,
-        evaluate_fn=evaluate_fn,
+        evaluate_fn=evaluate_fn, lr_key="stage1.round_lr" if later else "stage1.lr",
     )  # fmt: skip
     return model

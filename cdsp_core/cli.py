@@ -204,9 +204,11 @@ def run_here(spec: ExperimentSpec, out: str, progress: bool = True) -> None:
     if spec.resources.use_gpu and not torch.cuda.is_available():
         fail("resources.use_gpu is true but no CUDA device is visible")
     runner = Runner(run=out, device=default_device(spec.resources.use_gpu), progress=progress)
+    from cdsp_core.engine import TrainingDiverged
+
     try:
         result = run_pipeline(spec, out, runner)
-    except (DatasetError, ValueError) as exc:
+    except (DatasetError, ValueError, TrainingDiverged) as exc:
         fail(str(exc))
     console.print(runs.summary(result, out), highlight=False, soft_wrap=True)
 

@@ -121,10 +121,12 @@ def fit(
     keep: int,
     amp: bool,
     evaluate_fn: Callable[[nn.Module, int], dict[str, Any]] | None = None,
+    lr_key: str = "stage2.lr",
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train `model` for `epochs`, resuming from the runner's latest checkpoint of `stage`.
 
-    Returns the (prepared) model and the last epoch's metrics row.
+    Returns the (prepared) model and the last epoch's metrics row. `lr_key` names the spec key of the
+    rate in use, for the advice of a diverged epoch.
     """
     start_epoch, step, last_row = 1, 0, {}
     resume = runner.find_checkpoint(stage)
@@ -182,7 +184,7 @@ def fit(
             if runner.on_step is not None:
                 runner.on_step(stage, epoch, step)
         row = _epoch_row(stage, epoch, epochs, step, sums, steps_per_epoch, runner, lr)
-        check_finite(row, stage.split("-")[0])  # every rank the same row: all raise, none waits
+        check_finite(row, lr_key)  # every rank the same row: all raise, none waits
         if evaluate_fn is not None:
             row.update(evaluate_fn(model, epoch))
         row["epoch_seconds"] = timer.seconds()
@@ -217,7 +219,7 @@ class TrainingDiverged(RuntimeError):
     """The epoch's mean training loss is NaN or infinite: the weights are lost to it."""
 
 
-def check_finite(row: dict[str, Any], section: str) -> None:
+def check_finite(row: dict[str, Any], lr_key: str) -> None:
     """Stop a diverged stage before its epoch is saved: the run's latest checkpoint stays the last good
     epoch (a retry resumes from it, not from NaN weights), and no search trial trains on for nothing."""
     loss = row.get("loss")
@@ -226,7 +228,7 @@ def check_finite(row: dict[str, Any], section: str) -> None:
     terms = ", ".join(f"{k[5:]} {v}" for k, v in sorted(row.items()) if k.startswith("loss_"))
     raise TrainingDiverged(
         f"{row['stage']} epoch {row['epoch']}: the training loss is {loss} ({terms or 'one term'}): training "
-        f"diverged at learning rate {row['lr']:.3g}; nothing of this epoch was saved. Lower {section}.lr "
+        f"diverged at learning rate {row['lr']:.3g}; nothing of this epoch was saved. Lower {lr_key} "
         "(or the loss weights) and retry: it resumes from the last saved epoch"
     )
 

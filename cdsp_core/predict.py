@@ -15,7 +15,7 @@ from cdsp_core.data.files import read_image, write_label
 from cdsp_core.data.transforms import normalize
 from cdsp_core.engine import build_stage2_model, predict_probs
 from cdsp_core.figures import colourize
-from cdsp_core.runner import load_checkpoint
+from cdsp_core.runner import DOWNLOAD_PREFIX, fetched, load_checkpoint
 from cdsp_core.spec import validate_spec
 
 
@@ -23,7 +23,9 @@ def load_segmentor(checkpoint: str, device: str = "cpu") -> tuple[torch.nn.Modul
     """The stage-2 model of a checkpoint (local path or URI), in eval mode, and its spec."""
     path = Path(checkpoint)
     if runs.is_remote(checkpoint):
-        path = runs.download(checkpoint, Path(tempfile.mkdtemp(prefix="cdsp-predict-")) / Path(checkpoint).name)
+        path = fetched(
+            runs.download(checkpoint, Path(tempfile.mkdtemp(prefix=DOWNLOAD_PREFIX)) / Path(checkpoint).name)
+        )
     elif not path.is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint}: no such file")
     try:

@@ -113,7 +113,7 @@ def latest_run_checkpoint(run: str, stage: str) -> Path | None:
         return runs.local_path(location)
     import tempfile
 
-    return runs.download(location, Path(tempfile.mkdtemp(prefix=DOWNLOAD_PREFIX)) / names[-1])
+    return fetched(runs.download(location, Path(tempfile.mkdtemp(prefix=DOWNLOAD_PREFIX)) / names[-1]))
 
 
 # ---- checkpoints --------------------------------------------------------------------------
@@ -156,16 +156,24 @@ def save_checkpoint(runner: Runner, stage: str, epoch: int, state: dict[str, Any
 
 
 DOWNLOAD_PREFIX = "cdsp-download-"
-"""The temporary folder of a checkpoint fetched from remote storage or Ray to resume from."""
+"""Name prefix of the temporary folder of a checkpoint fetched from storage or Ray to be read."""
+_FETCHED: set[Path] = set()
+
+
+def fetched(path: Path) -> Path:
+    """Mark `path`, alone in a temporary folder this process made, as a copy to drop once read."""
+    _FETCHED.add(path)
+    return path
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint's content; a copy fetched into a DOWNLOAD_PREFIX folder is removed once read."""
+    """A checkpoint's content; a copy marked by `fetched` is removed with its folder once read."""
     # Our checkpoints hold RNG states (numpy arrays, tuples): not loadable with weights_only.
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     finally:
-        if path.parent.name.startswith(DOWNLOAD_PREFIX):
+        if path in _FETCHED:
+            _FETCHED.discard(path)
             shutil.rmtree(path.parent, ignore_errors=True)
 
 

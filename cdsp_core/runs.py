@@ -49,6 +49,12 @@ def checkpoint_epoch(name: str) -> int:
     return int(m["epoch"]) if m else -1
 
 
+def checkpoint_order(name: str) -> tuple[str, int]:
+    """Sort key of checkpoint file names: by stage, then by epoch (other names by name)."""
+    m = CHECKPOINT_RE.match(name)
+    return (m["stage"], int(m["epoch"])) if m else (name, -1)
+
+
 def checkpoint_name(stage: str, epoch: int) -> str:
     """The file name of a stage's checkpoint after an epoch (matches CHECKPOINT_RE)."""
     return f"{stage}-epoch{epoch:03d}.pt"

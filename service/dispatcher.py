@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import time
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -25,6 +26,10 @@ from service.states import Status
 log = logging.getLogger(__name__)
 # Consecutive refused submissions of one attempt before the experiment fails instead of requeueing.
 MAX_SUBMIT_REFUSALS = 5
+# Seconds a retry waits for a still-running earlier attempt to end once asked to stop (Ray sends
+# SIGTERM, then SIGKILL a few seconds later); past it the claim goes back to the queue.
+EARLIER_ATTEMPT_STOP_WAIT = 30.0
+ENDED = ("STOPPED", "SUCCEEDED", "FAILED")
 
 
 def entrypoint(template: str, run_dir: str) -> str:
@@ -91,8 +96,14 @@ class Dispatcher:
         saw the loss knows them, and only until it restarts). Both would write the same run folder."""
         for sid in claim.earlier_submission_ids():
             try:
-                if self.ray.stop(sid):
-                    log.warning("stopped %s, an earlier attempt of %s that was still running", sid, claim.experiment_id)
+                if not self.ray.stop(sid):
+                    continue  # not running
+                log.warning("stopping %s, an earlier attempt of %s that still runs", sid, claim.experiment_id)
+                deadline = time.monotonic() + EARLIER_ATTEMPT_STOP_WAIT
+                while self.ray.info(sid).status not in ENDED:  # ended, not only asked to: then submit
+                    if time.monotonic() > deadline:
+                        raise RayError(f"{sid} did not stop within {EARLIER_ATTEMPT_STOP_WAIT:.0f} s")
+                    time.sleep(0.5)
             except JobNotFound:
                 pass
 

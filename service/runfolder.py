@@ -118,7 +118,7 @@ def checkpoints(run_dir: str) -> list[dict[str, Any]]:
     """`checkpoints/*.pt` with size, stage and epoch (parsed from `stage2-epoch008.pt`)."""
     folder = runs.join(run_dir, runs.CHECKPOINTS)
     found = []
-    for name in runs.listdir(folder):
+    for name in sorted(runs.listdir(folder), key=runs.checkpoint_order):
         if not name.endswith(".pt") or not SAFE_NAME.match(name):
             continue
         try:

@@ -57,8 +57,9 @@ class Settings(BaseSettings):
     logs up to then are kept; `retry` resumes them from the latest checkpoint once a cluster answers)."""
     log_mirror_interval: float = Field(default=10.0, gt=0)
     """Seconds between two copies of a running job's logs into its run folder (they outlive a lost head)."""
-    log_keepalive: float = Field(default=15.0, gt=0)
-    """Seconds of silence after which `logs?follow=true` sends a keep-alive (one NUL byte, which clients drop)."""
+    log_keepalive: float = Field(default=15.0, gt=0, le=30)
+    """Seconds of silence after which `logs?follow=true` sends a keep-alive (one NUL byte, which clients drop);
+    at most 30, half the read timeout of `cdsp logs -f`."""
     dataset_roots: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Where datasets may live, comma-separated local folders or URI prefixes; unset = anywhere. When set, a spec
     whose `data.root` (or absolute `data.pseudo_label_dir`) lies elsewhere is refused with 422."""

@@ -212,9 +212,15 @@ def _search_figures(search_dir: str, entries: Sequence[dict[str, Any]], out: Pat
 # ---- the driver ---------------------------------------------------------------------------
 
 
-def make_tuner(spec: ExperimentSpec, out: str, labels: PseudoLabels, concurrent: int | None = None) -> tune.Tuner:
-    """The search's Tuner (restored when the search folder holds one); at most `concurrent` trials at a
-    time (default `search.max_concurrent_trials`)."""
+def make_tuner(
+    spec: ExperimentSpec,
+    out: str,
+    labels: PseudoLabels,
+    concurrent: int | None = None,
+    log: Callable[[str], None] = lambda line: None,
+) -> tune.Tuner:
+    """The search's Tuner, at most `concurrent` trials at a time (default `search.max_concurrent_trials`);
+    restored when the search folder holds one, with the settings it started with (Tune keeps them)."""
     search = spec.search
     assert search is not None
     trainable = tune.with_parameters(
@@ -226,6 +232,7 @@ def make_tuner(spec: ExperimentSpec, out: str, labels: PseudoLabels, concurrent:
     storage_path, filesystem = ray_storage(out)
     path = f"{storage_path.rstrip('/')}/tune"
     if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
+        log(f"search: resuming the search stored in {path}, with the trial concurrency it started with")
         return tune.Tuner.restore(path, trainable, resume_errored=True, storage_filesystem=filesystem)
     scheduler = None
     if search.scheduler == "asha":
@@ -250,10 +257,27 @@ def make_tuner(spec: ExperimentSpec, out: str, labels: PseudoLabels, concurrent:
         ),
         run_config=tune.RunConfig(
             name="tune", storage_path=storage_path, storage_filesystem=filesystem,
-            failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
             callbacks=[SearchRecorder(out, spec.stage2.epochs)],
         ),
     )  # fmt: skip
+
+
+def largest_trial(spec: ExperimentSpec) -> tuple[int, float, bool]:
+    """Workers, CPUs per worker and GPU use of the search's largest trial: the spec's, or the largest
+    values its space gives those keys."""
+    assert spec.search is not None
+    res, space = spec.resources, spec.search.space
+
+    def most(key: str, base: float) -> float:
+        domain = space.get(f"resources.{key}")
+        if domain is None:
+            return base
+        values = domain.grid or domain.choice or domain.uniform or domain.loguniform or domain.randint or [base]
+        return max(float(v) for v in values)
+
+    gpu = res.use_gpu or any(bool(v) for v in (getattr(space.get("resources.use_gpu"), "grid", None) or []))
+    gpu = gpu or any(bool(v) for v in (getattr(space.get("resources.use_gpu"), "choice", None) or []))
+    return int(most("num_workers", res.num_workers)), most("cpus_per_worker", res.cpus_per_worker), gpu
 
 
 def run_search(
@@ -273,13 +297,14 @@ def run_search(
         epochs = {"stage1": spec.stage1.total_epochs, **epochs}
     # A trial started beside others that the cluster cannot hold waits for workers, and Ray Train
     # counts each minute of waiting as a failure of its controller: the trial errors after a few.
-    res, wanted = spec.resources, spec.search.max_concurrent_trials
-    concurrent = max(1, min(wanted, trainers_that_fit(res.num_workers, res.cpus_per_worker, res.use_gpu)))
+    wanted = spec.search.max_concurrent_trials
+    workers, cpus, gpu = largest_trial(spec)
+    concurrent = max(1, min(wanted, trainers_that_fit(workers, cpus, gpu)))
     if concurrent < wanted:
-        log(f"search: the cluster holds {concurrent} trial(s) of {res.num_workers} worker(s) at once, "
+        log(f"search: the cluster holds {concurrent} trial(s) of {workers} worker(s) at once, "
             f"so {concurrent} run at a time, not search.max_concurrent_trials={wanted}")  # fmt: skip
     log(f"search: {concurrent} concurrent trial(s) over {sorted(spec.search.space)}")
-    tuner = make_tuner(spec, out, labels, concurrent)
+    tuner = make_tuner(spec, out, labels, concurrent, log)
     # Results without `miou` (epochs between evaluations, `stage2.eval_every`) are normal here.
     # Tune's own Ctrl-C handler would end the loop quietly and mark running trials terminated, which
     # would read as a finished search; without it, Ctrl-C interrupts, and a rerun resumes the search.

@@ -37,7 +37,7 @@ from ray.train.v2.torch.torch_trainer import TorchTrainer
 from cdsp_core import runs
 from cdsp_core.data.layout import Layout, read_ids
 from cdsp_core.pipeline import COMPLETE, StageFn, fetch_atomically
-from cdsp_core.runner import DOWNLOAD_PREFIX, Runner, latest_run_checkpoint, list_checkpoints
+from cdsp_core.runner import DOWNLOAD_PREFIX, Runner, fetched, latest_run_checkpoint, list_checkpoints
 from cdsp_core.spec import ExperimentSpec
 
 RAY_STATE = "ray"
@@ -104,9 +104,9 @@ def latest_checkpoint(run: str, stage: str) -> Path | None:
     assert ckpt is not None
     if isinstance(ckpt.filesystem, pyarrow.fs.LocalFileSystem):
         return Path(ckpt.path) / name
-    local = Path(tempfile.mkdtemp(prefix=DOWNLOAD_PREFIX))  # removed by load_checkpoint
+    local = Path(tempfile.mkdtemp(prefix=DOWNLOAD_PREFIX))
     ckpt.to_directory(str(local))
-    return local / name
+    return fetched(local / name)  # removed by load_checkpoint once read
 
 
 def _log(line: str) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import pickle
+from pathlib import Path
 
 import pytest
 
@@ -125,17 +127,22 @@ def test_checkpoints_are_ordered_by_epoch_past_999(tmp_path):
     assert runs.checkpoint_epoch("notes.pt") == -1
 
 
-def test_a_downloaded_checkpoint_is_removed_once_read(tmp_path):
+def test_a_fetched_checkpoint_is_removed_once_read_and_nothing_else_is(tmp_path):
     import tempfile
 
     import torch
 
-    from cdsp_core.runner import DOWNLOAD_PREFIX, load_checkpoint
+    from cdsp_core.runner import DOWNLOAD_PREFIX, fetched, load_checkpoint
 
-    folder = tempfile.mkdtemp(prefix=DOWNLOAD_PREFIX, dir=tmp_path)
-    fetched = tmp_path / folder / "stage2-epoch001.pt"
-    torch.save({"epoch": 1}, fetched)
-    kept = tmp_path / "stage2-epoch001.pt"
-    torch.save({"epoch": 1}, kept)
-    assert load_checkpoint(fetched) == {"epoch": 1} and not fetched.parent.exists()
-    assert load_checkpoint(kept) == {"epoch": 1} and kept.exists()  # the run folder's own file stays
+    copy = fetched(Path(tempfile.mkdtemp(prefix=DOWNLOAD_PREFIX, dir=tmp_path)) / "stage2-epoch001.pt")
+    torch.save({"epoch": 1}, copy)
+    assert load_checkpoint(copy) == {"epoch": 1} and not copy.parent.exists()
+    mine = tmp_path / f"{DOWNLOAD_PREFIX}my-models"  # a user's folder that happens to share the prefix
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    torch.save({"epoch": 2}, mine / "stage2-epoch002.pt")
+    assert load_checkpoint(mine / "stage2-epoch002.pt") == {"epoch": 2}
+    (mine / "broken.pt").write_text("garbage")
+    with pytest.raises(pickle.UnpicklingError):
+        load_checkpoint(mine / "broken.pt")
+    assert sorted(p.name for p in mine.iterdir()) == ["broken.pt", "notes.txt", "stage2-epoch002.pt"]

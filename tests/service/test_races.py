@@ -115,8 +115,9 @@ def test_a_retry_stops_an_earlier_attempt_that_a_restarted_service_no_longer_kno
         assert ctx.ray.info(exp_id).status == "RUNNING"
         restarted = ControlLoop(settings, ctx.sessions, ctx.ray)
         assert client.post(f"/v1/experiments/{exp_id}/retry").status_code == 200
-        restarted.pass_once()  # claims the retry: the earlier attempt is stopped before it is submitted
-        wait_until(lambda: ctx.ray.info(exp_id).status == "STOPPED", 60, "the earlier attempt to stop")
+        restarted.pass_once()  # claims the retry: the earlier attempt has ended before it is submitted
+        assert ctx.ray.info(exp_id).status == "STOPPED"
+        assert ctx.ray.info(f"{exp_id}-r1").status in ("PENDING", "RUNNING")
         wait_until(lambda: status_after(restarted) in ("succeeded", "failed"), 180, "the retry to finish", 0.3)
         done = get(client, exp_id)
         assert done["status"] == "succeeded", done["error"]

@@ -101,6 +101,15 @@ def test_trials_and_results_of_the_wrong_shape_are_ignored_and_named(tmp_path: P
     assert snap.result == {"checkpoint": "checkpoints/stage2-epoch001.pt", "miou": 50.0}
 
 
+def test_checkpoints_are_listed_by_stage_then_epoch(tmp_path: Path) -> None:
+    """`cdsp fetch` takes the last one when there is no final checkpoint yet: epoch 1000 comes after 999."""
+    (tmp_path / "checkpoints").mkdir()
+    for name in ("stage2-epoch1000.pt", "stage2-epoch999.pt", "stage1-epoch002.pt", "last.pt"):
+        (tmp_path / "checkpoints" / name).write_bytes(b"x")
+    names = [c["name"] for c in runfolder.checkpoints(str(tmp_path))]
+    assert names == ["last.pt", "stage1-epoch002.pt", "stage2-epoch999.pt", "stage2-epoch1000.pt"]
+
+
 def test_error_line_is_the_last_error_prefixed_line() -> None:
     logs = "starting\nerror: first\nTraceback...\nerror: dataset problems: data.root /x is not a directory\n"
     assert runfolder.error_line(logs) == "dataset problems: data.root /x is not a directory"

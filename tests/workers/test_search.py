@@ -93,6 +93,18 @@ def test_tune_domains() -> None:
     assert isinstance(tune_domain(Domain(randint=(1, 5))), tune.search.sample.Integer)
 
 
+def test_the_largest_trial_sizes_the_concurrency(tiny_synth: Path) -> None:
+    from workers.search import largest_trial
+
+    plain = tiny_spec(tiny_synth, kind="search", resources__num_workers=1, search__space={"stage2.lr": {"grid": [0.1]}})
+    assert largest_trial(plain) == (1, 1.0, False)
+    sized = tiny_spec(
+        tiny_synth, kind="search", stage2__batch_size=4, stage1__batch_size=4,
+        search__space={"resources.num_workers": {"grid": [1, 2, 4]}, "resources.cpus_per_worker": {"choice": [1, 3]}},
+    )  # fmt: skip
+    assert largest_trial(sized) == (4, 3.0, False)
+
+
 def test_best_trial_skips_errors_and_unscored() -> None:
     from workers.search import best_trial
 
