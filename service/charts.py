@@ -98,14 +98,15 @@ def bar_chart(title: str, labels: Sequence[str], values: Sequence[float | None])
 
 
 def heatmap(title: str, xs: Sequence[float], ys: Sequence[float], cells: dict[tuple[float, float], float],
-            x_label: str, y_label: str) -> Markup:  # fmt: skip
-    """A grid of coloured cells (value = mIoU), the value written in each; the best cell outlined."""
+            x_label: str, y_label: str, mode: str = "max") -> Markup:  # fmt: skip
+    """A grid of coloured cells (value = mIoU), the value written in each; the best cell (the highest, or
+    the lowest with `mode="min"`) outlined."""
     if not cells:
         return Markup(f'<p class="empty">{escape(title)}: no finished trials yet</p>')
     cw, chh, left, top = 64, 30, 70, 30
     width, height = left + cw * len(xs) + 20, top + chh * len(ys) + 40
     lo, hi = min(cells.values()), max(cells.values())
-    best = max(cells, key=lambda k: cells[k])
+    best = (min if mode == "min" else max)(cells, key=lambda k: cells[k])
     out = [f'<svg class="chart" viewBox="0 0 {width} {height}" style="width:{max(width, 300)}px" role="img" '
            f'aria-label="{escape(title)}">',
            f'<text x="{left}" y="15" class="title">{escape(title)}</text>']  # fmt: skip

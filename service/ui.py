@@ -141,6 +141,11 @@ def _pseudo_miou(exp: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
+def _here(request: Request) -> str:
+    """This page's path and query, where signing in leads back to (the ids of a comparison, filters)."""
+    return f"{request.url.path}?{request.url.query}" if request.url.query else request.url.path
+
+
 @router.get("/")
 def experiment_list(
     request: Request,
@@ -149,10 +154,11 @@ def experiment_list(
     kind: Annotated[str | None, Query(max_length=16)] = None,
     name: Annotated[str | None, Query(max_length=100)] = None,
     sort: Annotated[str, Query(pattern="^(created|miou)$")] = "created",
+    live: bool = True,
 ) -> HTMLResponse:
     token = _token(request)
     if token is None:
-        return _sign_in(next_url=str(request.url.path))
+        return _sign_in(next_url=_here(request))
     items, total = store.search(session, status or (), kind or None, None, limit=500)
     if name:  # a part of the name, case-insensitive (the API's filter is exact)
         items = [e for e in items if name.lower() in e.name.lower()]
@@ -161,10 +167,12 @@ def experiment_list(
         items.sort(key=lambda e: -(m if (m := summaries[e.id].miou) is not None else -math.inf))
     rows = [{"exp": e, "summary": summaries[e.id], "pseudo": _pseudo_miou(e), "duration": _duration(e)} for e in items]
     active = any(e.status in ACTIVE or e.status == Status.queued for e in items)
+    # A reload clears ticked boxes and typed filters: `live=0` pauses it while the user picks.
+    toggle = str(request.url.include_query_params(live="0" if live else "1"))
     return _render(
         "list.html", rows=rows, total=total, statuses=[s.value for s in Status], chosen=[s.value for s in status or ()],
-        kind=kind or "", name=name or "", sort=sort, refresh=REFRESH_S if active else None,
-        csrf=csrf_token(token),
+        kind=kind or "", name=name or "", sort=sort, refresh=REFRESH_S if active and live else None,
+        active=active, live=live, toggle=toggle[toggle.index("/ui/"):], csrf=csrf_token(token),
     )  # fmt: skip
 
 
@@ -214,7 +222,8 @@ def _search(exp: Any) -> dict[str, Any] | None:
         p, miou = t.get("params") or {}, t.get("miou")
         ls, lc = p.get("stage2.lambda_s"), p.get("stage2.lambda_c")
         if isinstance(ls, int | float) and isinstance(lc, int | float) and isinstance(miou, int | float):
-            cells[(float(ls), float(lc))] = max(float(miou), cells.get((float(ls), float(lc)), -math.inf))
+            cell, better = (float(ls), float(lc)), (min if mode == "min" else max)
+            cells[cell] = better(float(miou), cells[cell]) if cell in cells else float(miou)
     xs, ys = sorted({k[0] for k in cells}), sorted({k[1] for k in cells})
     ratios = {}
     for key in ("data.shrink_ratio", "data.drop_ratio"):
@@ -228,7 +237,7 @@ def _search(exp: Any) -> dict[str, Any] | None:
     return {
         "trials": trials,
         "best": best.get("trial") if best else None,
-        "heatmap": charts.heatmap("mIoU over lambda_s x lambda_c", xs, ys, cells, "lambda_s", "lambda_c")
+        "heatmap": charts.heatmap("mIoU over lambda_s x lambda_c", xs, ys, cells, "lambda_s", "lambda_c", mode)
         if cells
         else None,
         "ratios": ratios,
@@ -239,7 +248,7 @@ def _search(exp: Any) -> dict[str, Any] | None:
 def experiment_page(experiment_id: ExperimentId, request: Request, ctx: CtxDep, session: SessionDep) -> HTMLResponse:
     token = _token(request)
     if token is None:
-        return _sign_in(next_url=str(request.url.path))
+        return _sign_in(next_url=_here(request))
     exp = store.get(session, experiment_id)
     # A search's trials log their own epochs: the page's curves are the search's rows, its trials table
     # and heatmap the trials'.
@@ -312,12 +321,12 @@ def compare(
 ) -> HTMLResponse:
     token = _token(request)
     if token is None:
-        return _sign_in(next_url=str(request.url.path))
+        return _sign_in(next_url=_here(request))
     exps = [store.get(session, i) for i in dict.fromkeys(id or [])]
     miou: dict[str, list[tuple[float, float]]] = {}
     loss: dict[str, list[tuple[float, float]]] = {}
     for e in exps:
-        rows = [r.data for r in store.metric_rows(session, e.id, "stage2")]
+        rows = [r.data for r in store.metric_rows(session, e.id, "stage2") if not r.data.get("trial")]
         label = f"{e.name} ({e.id[-6:]})"
         miou[label] = [(float(r["epoch"]), float(r["miou"])) for r in rows if isinstance(r.get("miou"), int | float)]
         loss[label] = [(float(r["epoch"]), float(r["loss"])) for r in rows if isinstance(r.get("loss"), int | float)]

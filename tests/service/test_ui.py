@@ -165,3 +165,45 @@ def test_compare_overlays_curves_and_diffs_the_specs(api: TestClient) -> None:
     diff = page[page.index('id="differences"') :]
     assert "stage1.epochs" in diff and "stage2.epochs" in diff and "name" in diff
     assert "data.num_classes" not in diff  # equal values are not listed
+
+
+def test_odd_results_trials_and_searches_render(api: TestClient) -> None:
+    """A result whose trivial-label figure is null (no ground truth) renders (it was a 500); a trial's
+    epoch shows; a `mode: min` search outlines its lowest cell; compare ignores a search's trial rows."""
+    plain = submit(api, small_spec("no-truth"))
+    search = submit(api, {**small_spec("lowest", kind="search"), "search": {
+        "space": {"stage2.lambda_s": {"grid": [1.0, 2.0]}}, "mode": "min"}})  # fmt: skip
+    trials = [{"trial": f"t{i}", "params": {"stage2.lambda_s": ls, "stage2.lambda_c": 6.0}, "miou": m,
+               "status": "finished", "epoch": 7} for i, (ls, m) in enumerate([(1.0, 50.0), (2.0, 40.0)])]  # fmt: skip
+    with ctx_of(api.app).sessions.begin() as s:  # type: ignore[attr-defined]
+        store.update_fields(s, plain["id"], result={"miou": 50.0, "trivial_label_miou": None})
+        store.update_fields(s, search["id"], trials=trials)
+        rows = [
+            {"stage": "stage2", "epoch": 1, "miou": 30.0},
+            {"stage": "stage2", "epoch": 5, "miou": 90.0, "trial": "t0"},
+        ]
+        store.sync_metric_rows(s, search["id"], rows, 0)
+    page = api.get(f"/ui/experiments/{plain['id']}")
+    assert page.status_code == 200 and "val mIoU 50.00" in page.text and "trivial label" not in page.text
+    found = api.get(f"/ui/experiments/{search['id']}").text
+    assert re.search(r'<td class="num">7</td>', found)
+    best = re.search(r'<rect[^>]*stroke="#000"[^>]*>', found)
+    assert best is not None and found.count('stroke="#000"') == 1
+    assert re.search(r'class="best"><td>t1 \(best\)', found)  # the lower mIoU wins with mode: min
+    compared = api.get(f"/ui/compare?id={plain['id']}&id={search['id']}").text
+    chart = compared[compared.index("stage 2: validation mIoU") :].split("</svg>")[0]
+    assert chart.count("<circle") == 1 and chart.count("<polyline") == 1  # the search's own one epoch
+
+
+def test_the_list_reload_can_be_paused_and_sign_in_returns_to_the_page_with_its_query(
+    api: TestClient, browser: TestClient
+) -> None:
+    a, b = submit(api, small_spec("a")), submit(api, small_spec("b"))  # queued: the list reloads
+    first = browser.get(f"/ui/compare?id={a['id']}&id={b['id']}")
+    assert f'value="/ui/compare?id={a["id"]}&amp;id={b["id"]}"' in first.text  # sign in, then back to both ids
+    sign_in(browser)
+    live = browser.get("/ui/?kind=pipeline").text
+    assert 'http-equiv="refresh"' in live and 'href="/ui/?kind=pipeline&amp;live=0"' in live
+    paused = browser.get("/ui/?kind=pipeline&live=0").text
+    assert 'http-equiv="refresh"' not in paused and "reloading paused" in paused
+    assert '<input type="hidden" name="live" value="0">' in paused  # the filter form keeps it paused
