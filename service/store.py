@@ -92,8 +92,10 @@ def search(
     name: str | None = None,
     limit: int = 50,
     offset: int = 0,
+    name_contains: str | None = None,
 ) -> tuple[list[Experiment], int]:
-    """A page of experiments, newest first, and the total count matching the filters."""
+    """A page of experiments, newest first, and the total count matching the filters (`name` exact,
+    `name_contains` a part of it, any case)."""
     query = select(Experiment)
     if statuses:
         query = query.where(Experiment.status.in_([str(s) for s in statuses]))
@@ -101,6 +103,8 @@ def search(
         query = query.where(Experiment.kind == kind)
     if name:
         query = query.where(Experiment.name == name)
+    if name_contains:  # `_` and `%` are plain characters here
+        query = query.where(func.lower(Experiment.name).contains(name_contains.lower(), autoescape=True))
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     page = session.scalars(query.order_by(Experiment.created_at.desc(), Experiment.id).limit(limit).offset(offset))
     return list(page), total

@@ -41,6 +41,8 @@ router = APIRouter(prefix="/ui", include_in_schema=False)
 COOKIE = "cdsp_token"
 REFRESH_S = 5
 LOG_LINES = 80
+LIST_PAGE = 100  # experiments per page of the list
+SORT_LIMIT = 5000  # the newest matches the mIoU sort reads
 TERMS = ("segs", "segc", "ds", "dc", "lorm")
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # Ray colours its log prefixes for terminals
 templates = Environment(
@@ -155,24 +157,38 @@ def experiment_list(
     name: Annotated[str | None, Query(max_length=100)] = None,
     sort: Annotated[str, Query(pattern="^(created|miou)$")] = "created",
     live: bool = True,
+    page: Annotated[int, Query(ge=1, le=100_000)] = 1,
 ) -> HTMLResponse:
     token = _token(request)
     if token is None:
         return _sign_in(next_url=_here(request))
-    items, total = store.search(session, status or (), kind or None, None, limit=500)
-    if name:  # a part of the name, case-insensitive (the API's filter is exact)
-        items = [e for e in items if name.lower() in e.name.lower()]
+    # `name`: a part of the name, any case (the API's filter is exact). The mIoU lives in JSON: that
+    # sort reads the newest SORT_LIMIT matches and pages them here.
+    start = (page - 1) * LIST_PAGE
+    if sort == "miou":
+        items, total = store.search(session, status or (), kind or None, limit=SORT_LIMIT, name_contains=name)
+    else:
+        items, total = store.search(session, status or (), kind or None, limit=LIST_PAGE, offset=start,
+                                    name_contains=name)  # fmt: skip
     summaries = {e.id: views.summary(e) for e in items}
     if sort == "miou":
         items.sort(key=lambda e: -(m if (m := summaries[e.id].miou) is not None else -math.inf))
+        items = items[start : start + LIST_PAGE]
     rows = [{"exp": e, "summary": summaries[e.id], "pseudo": _pseudo_miou(e), "duration": _duration(e)} for e in items]
     active = any(e.status in ACTIVE or e.status == Status.queued for e in items)
+
     # A reload clears ticked boxes and typed filters: `live=0` pauses it while the user picks.
-    toggle = str(request.url.include_query_params(live="0" if live else "1"))
+    def link(**params: Any) -> str:
+        url = str(request.url.include_query_params(**params))
+        return url[url.index("/ui/") :]
+
+    pages = {"previous": link(page=page - 1) if page > 1 else None,
+             "next": link(page=page + 1) if start + LIST_PAGE < total else None}  # fmt: skip
     return _render(
         "list.html", rows=rows, total=total, statuses=[s.value for s in Status], chosen=[s.value for s in status or ()],
         kind=kind or "", name=name or "", sort=sort, refresh=REFRESH_S if active and live else None,
-        active=active, live=live, toggle=toggle[toggle.index("/ui/"):], csrf=csrf_token(token),
+        active=active, live=live, toggle=link(live="0" if live else "1"), first=start + 1, pages=pages,
+        csrf=csrf_token(token),
     )  # fmt: skip
 
 

@@ -207,3 +207,23 @@ def test_the_list_reload_can_be_paused_and_sign_in_returns_to_the_page_with_its_
     paused = browser.get("/ui/?kind=pipeline&live=0").text
     assert 'http-equiv="refresh"' not in paused and "reloading paused" in paused
     assert '<input type="hidden" name="live" value="0">' in paused  # the filter form keeps it paused
+
+
+def test_the_list_pages_and_its_name_filter_reaches_every_experiment(
+    api: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pages of LIST_PAGE rows with links both ways; the name filter runs in the database, so old
+    matches are found (it used to look at the newest 500 only), and `_` matches itself only."""
+    import service.ui as ui
+
+    monkeypatch.setattr(ui, "LIST_PAGE", 2)
+    ids = [submit(api, small_spec(name))["id"] for name in ("old_match", "oldXmatch", "b", "c", "d")]
+    first = api.get("/ui/").text
+    assert "1-2 of 5" in first and 'id="next"' in first and 'id="previous"' not in first
+    assert ids[4] in first and ids[3] in first and ids[2] not in first  # newest first
+    last = api.get("/ui/?page=3").text
+    assert "5-5 of 5" in last and ids[0] in last and 'id="previous"' in last and 'id="next"' not in last
+    found = api.get("/ui/?name=OLD_").text
+    assert "1-1 of 1" in found and ids[0] in found and ids[1] not in found
+    by_miou = api.get("/ui/?sort=miou&page=2").text
+    assert "3-4 of 5" in by_miou
