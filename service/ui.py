@@ -28,6 +28,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, StreamingResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.status import HTTP_303_SEE_OTHER
 
+from cdsp_core import runs
 from cdsp_core.spec import flatten
 from service import charts, runfolder, store, views
 from service.auth import token_matches
@@ -271,7 +272,7 @@ def experiment_page(experiment_id: ExperimentId, request: Request, ctx: CtxDep, 
     rows = [r.data for r in store.metric_rows(session, experiment_id) if not r.data.get("trial")]
     log = ""
     with contextlib.suppress(Exception):  # the page shows without its log when Ray does not answer
-        log = ANSI.sub("", artifacts._tail(artifacts._read_logs(ctx, exp), LOG_LINES))
+        log = ANSI.sub("", artifacts._tail(_page_log(ctx, exp), LOG_LINES))
     sid = exp.submission_id
     final = (exp.result or {}).get("checkpoint")
     return _render(
@@ -285,6 +286,17 @@ def experiment_page(experiment_id: ExperimentId, request: Request, ctx: CtxDep, 
         can_retry=exp.status in (Status.failed, Status.cancelled),
         refresh=REFRESH_S if exp.status == Status.queued or exp.status in ACTIVE else None,
     )  # fmt: skip
+
+
+def _page_log(ctx: Any, exp: Any) -> str:
+    """The log the page shows: the run folder's copy, which the control loop refreshes every
+    `log_mirror_interval` seconds while the job runs, else Ray's (a page reloading every few seconds
+    in several tabs must not fetch a long job's whole log from Ray each time)."""
+    sid = exp.submission_id
+    mirrored = runfolder.log_location(exp.run_dir, sid) if sid else None
+    if mirrored is not None and runs.exists(mirrored):
+        return runs.read_text(mirrored)
+    return artifacts._read_logs(ctx, exp)
 
 
 async def _action(experiment_id: str, request: Request) -> str | None:

@@ -227,3 +227,19 @@ def test_the_list_pages_and_its_name_filter_reaches_every_experiment(
     assert "1-1 of 1" in found and ids[0] in found and ids[1] not in found
     by_miou = api.get("/ui/?sort=miou&page=2").text
     assert "3-4 of 5" in by_miou
+
+
+def test_a_running_experiments_page_shows_the_run_folders_copy_of_its_log(api: TestClient) -> None:
+    """The page reads the copy the control loop keeps (here Ray does not even answer), not Ray's
+    whole log on every reload."""
+    from cdsp_core import runs
+    from service.runfolder import log_location
+    from service.states import Status
+
+    exp = submit(api, small_spec("logged"))
+    with ctx_of(api.app).sessions.begin() as s:  # type: ignore[attr-defined]
+        store.transition(s, exp["id"], Status.dispatching, "claimed", "test", submission_id=exp["id"])
+        store.transition(s, exp["id"], Status.running, "running", "test")
+    runs.write_text(log_location(exp["run_dir"], exp["id"]), "stage2 epoch 3/8 | loss 0.5\n")
+    page = api.get(f"/ui/experiments/{exp['id']}").text
+    assert "stage2 epoch 3/8 | loss 0.5" in page
