@@ -7,13 +7,15 @@ Every 422 has FastAPI's shape (`detail: [{loc, msg, type}]`, what /openapi.json 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.ray_jobs import RayUnavailable
 from service.states import IllegalTransition
@@ -38,35 +40,52 @@ def field_path(loc: Sequence[Any]) -> str:
     return ".".join(parts)
 
 
-def _422(errors: list[dict[str, Any]]) -> JSONResponse:
-    return JSONResponse(status_code=422, content={"detail": jsonable_encoder(errors)})
+HtmlPage = Callable[[int, str], Response]
+"""An error as a web page: (status, message) -> the response."""
 
 
-def install(app: FastAPI) -> None:
+def install(app: FastAPI, pages: tuple[str, HtmlPage] | None = None) -> None:
+    """The error answers below as JSON; under the path prefix of `pages`, as its HTML page instead."""
+
+    def answer(request: Request, status: int, content: dict[str, Any]) -> Response:
+        if pages is not None and request.url.path.startswith(pages[0]):
+            detail = content["detail"]
+            if isinstance(detail, list):
+                detail = "; ".join(f"{e.get('field') or 'request'}: {e.get('msg')}" for e in detail)
+            return pages[1](status, str(detail))
+        return JSONResponse(status_code=status, content=jsonable_encoder(content))
+
     @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
         errors = []
         for err in exc.errors():
             entry = {k: err[k] for k in ("loc", "msg", "type") if k in err}
             entry["field"] = field_path(err.get("loc", ()))
             errors.append(entry)
-        return _422(errors)
+        return answer(request, 422, {"detail": errors})
 
     @app.exception_handler(InputError)
-    async def _input(request: Request, exc: InputError) -> JSONResponse:
-        return _422([{"loc": loc, "msg": msg, "type": kind, "field": field_path(loc)} for loc, msg, kind in exc.errors])
+    async def _input(request: Request, exc: InputError) -> Response:
+        errors = [{"loc": loc, "msg": msg, "type": kind, "field": field_path(loc)} for loc, msg, kind in exc.errors]
+        return answer(request, 422, {"detail": errors})
 
     @app.exception_handler(NotFound)
-    async def _not_found(request: Request, exc: NotFound) -> JSONResponse:
-        return JSONResponse(status_code=404, content={"detail": str(exc)})
+    async def _not_found(request: Request, exc: NotFound) -> Response:
+        return answer(request, 404, {"detail": str(exc)})
 
     @app.exception_handler(IllegalTransition)
-    async def _conflict(request: Request, exc: IllegalTransition) -> JSONResponse:
-        return JSONResponse(status_code=409, content={"detail": str(exc), "status": exc.status})
+    async def _conflict(request: Request, exc: IllegalTransition) -> Response:
+        return answer(request, 409, {"detail": str(exc), "status": exc.status})
 
     @app.exception_handler(RayUnavailable)
-    async def _ray_down(request: Request, exc: RayUnavailable) -> JSONResponse:
-        return JSONResponse(status_code=503, content={"detail": f"Ray is unavailable: {exc}"})
+    async def _ray_down(request: Request, exc: RayUnavailable) -> Response:
+        return answer(request, 503, {"detail": f"Ray is unavailable: {exc}"})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        if pages is not None and request.url.path.startswith(pages[0]):
+            return pages[1](exc.status_code, str(exc.detail))
+        return await http_exception_handler(request, exc)
 
 
 class BodyLimit:

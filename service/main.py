@@ -98,7 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.ctx = ctx
     app.add_middleware(errors.BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(LatencyMiddleware, histogram=latency)  # added last: outermost, so 413s are timed too
-    errors.install(app)
+    errors.install(app, pages=("/ui/", ui.error_page))
     app.include_router(system.public)
     app.include_router(ui.router)  # the web page: its own auth (header or sign-in cookie), see service.ui
     for router in (system.router, experiments.router, artifacts.router):

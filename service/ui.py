@@ -89,6 +89,11 @@ async def _form(request: Request) -> dict[str, str]:
     return {k: v[-1] for k, v in parse_qs(body, keep_blank_values=True).items()}
 
 
+def error_page(status: int, message: str) -> HTMLResponse:
+    """An error under /ui/ as a page (not the API's JSON), with the way back to the list."""
+    return _render("error.html", status_code=status, status=status, message=message)
+
+
 def _safe_next(value: str | None) -> str:
     """Only a path of this page may follow a sign-in (no open redirect)."""
     return value if value and value.startswith("/ui/") and not value.startswith("//") and "\\" not in value else "/ui/"

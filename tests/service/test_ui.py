@@ -243,3 +243,23 @@ def test_a_running_experiments_page_shows_the_run_folders_copy_of_its_log(api: T
     runs.write_text(log_location(exp["run_dir"], exp["id"]), "stage2 epoch 3/8 | loss 0.5\n")
     page = api.get(f"/ui/experiments/{exp['id']}").text
     assert "stage2 epoch 3/8 | loss 0.5" in page
+
+
+def test_errors_on_the_web_page_are_pages_and_the_api_keeps_json(api: TestClient, browser: TestClient) -> None:
+    sign_in(browser)
+    cases = {
+        "/ui/experiments/exp-000000000000": (404, "exp-000000000000"),
+        "/ui/?status=bogus": (422, "status"),
+        "/ui/compare?id=exp-000000000000": (404, "exp-000000000000"),
+    }
+    for path, (code, named) in cases.items():
+        r = browser.get(path)
+        assert r.status_code == code and r.headers["content-type"].startswith("text/html"), (path, r.text[:200])
+        assert named in r.text and 'href="/ui/"' in r.text
+    exp = submit(api, small_spec("forged"))
+    forged = browser.post(f"/ui/experiments/{exp['id']}/cancel", data={"csrf": "0" * 64})
+    assert (
+        forged.status_code == 403 and "CSRF" in forged.text and forged.headers["content-type"].startswith("text/html")
+    )
+    assert api.get("/v1/experiments/exp-000000000000").json()["detail"]  # the API: still JSON
+    assert api.get("/v1/experiments?status=bogus").json()["detail"][0]["field"] == "status.0"
