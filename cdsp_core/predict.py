@@ -81,6 +81,8 @@ def predict_files(
 ) -> list[Path]:
     """Segment each image (the spec's evaluation scales and flip); write colour masks to `out`."""
     images = [Path(i) for i in images]
+    if not runs.is_remote(checkpoint) and not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint}: no such file")
     check_inputs(images, out)
     device = str(check_device(device))
     model, spec = load_segmentor(checkpoint, device)
