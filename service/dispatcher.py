@@ -99,7 +99,8 @@ class Dispatcher:
                 if not self.ray.stop(sid):
                     continue  # not running
                 log.warning("stopping %s, an earlier attempt of %s that still runs", sid, claim.experiment_id)
-                deadline = time.monotonic() + EARLIER_ATTEMPT_STOP_WAIT
+                # Within half the claim's grace: past it another replica would put the claim back.
+                deadline = time.monotonic() + min(EARLIER_ATTEMPT_STOP_WAIT, self.settings.dispatch_grace / 2)
                 while self.ray.info(sid).status not in ENDED:  # ended, not only asked to: then submit
                     if time.monotonic() > deadline:
                         raise RayError(f"{sid} did not stop within {EARLIER_ATTEMPT_STOP_WAIT:.0f} s")

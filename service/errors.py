@@ -84,7 +84,9 @@ def install(app: FastAPI, pages: tuple[str, HtmlPage] | None = None) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         if pages is not None and request.url.path.startswith(pages[0]):
-            return pages[1](exc.status_code, str(exc.detail))
+            page = pages[1](exc.status_code, str(exc.detail))
+            page.headers.update(exc.headers or {})  # e.g. a 405's Allow
+            return page
         return await http_exception_handler(request, exc)
 
 

@@ -179,7 +179,7 @@ def experiment_list(
     summaries = {e.id: views.summary(e) for e in items}
     if sort == "miou":
         items.sort(key=lambda e: -(m if (m := summaries[e.id].miou) is not None else -math.inf))
-        items = items[start : start + LIST_PAGE]
+        items, total = items[start : start + LIST_PAGE], min(total, SORT_LIMIT)  # pages of what was read
     rows = [{"exp": e, "summary": summaries[e.id], "pseudo": _pseudo_miou(e), "duration": _duration(e)} for e in items]
     active = any(e.status in ACTIVE or e.status == Status.queued for e in items)
 
@@ -188,8 +188,9 @@ def experiment_list(
         url = str(request.url.include_query_params(**params))
         return url[url.index("/ui/") :]
 
-    pages = {"previous": link(page=page - 1) if page > 1 else None,
-             "next": link(page=page + 1) if start + LIST_PAGE < total else None}  # fmt: skip
+    last = max(1, math.ceil(total / LIST_PAGE))
+    pages = {"previous": link(page=min(page - 1, last)) if page > 1 else None,
+             "next": link(page=page + 1) if page < last else None}  # fmt: skip
     return _render(
         "list.html", rows=rows, total=total, statuses=[s.value for s in Status], chosen=[s.value for s in status or ()],
         kind=kind or "", name=name or "", sort=sort, refresh=REFRESH_S if active and live else None,

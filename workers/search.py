@@ -272,7 +272,9 @@ def largest_trial(spec: ExperimentSpec) -> tuple[int, float, bool]:
         domain = space.get(f"resources.{key}")
         if domain is None:
             return base
-        values = domain.grid or domain.choice or domain.uniform or domain.loguniform or domain.randint or [base]
+        if domain.randint is not None:  # [low, high): high itself is never drawn
+            return float(domain.randint[1] - 1)
+        values = domain.grid or domain.choice or domain.uniform or domain.loguniform or [base]
         return max(float(v) for v in values)
 
     gpu = res.use_gpu or any(bool(v) for v in (getattr(space.get("resources.use_gpu"), "grid", None) or []))

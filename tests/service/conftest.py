@@ -160,6 +160,41 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
         time.sleep(interval)
 
 
+class TurnedByHand:
+    """One experiment of an in-process service (`background=False`) whose control loop the test turns
+    one pass at a time, so that a fault can be placed between two passes."""
+
+    def __init__(self, client: Any, settings: Settings, name: str, epochs: int):
+        from service.control import ControlLoop
+
+        self.client, self.settings, self.ctx = client, settings, client.app.state.ctx
+        r = client.post("/v1/experiments", json={"spec": small_spec(name, epochs=epochs)})
+        assert r.status_code == 201, r.text
+        self.id: str = r.json()["id"]
+        self.loop = ControlLoop(settings, self.ctx.sessions, self.ctx.ray)
+
+    def get(self) -> dict[str, Any]:
+        r = self.client.get(f"/v1/experiments/{self.id}")
+        assert r.status_code == 200, r.text
+        body: dict[str, Any] = r.json()
+        return body
+
+    def status_after_a_pass(self) -> str:
+        self.loop.pass_once()
+        return str(self.get()["status"])
+
+    def turn_until(self, statuses: tuple[str, ...], timeout: float) -> dict[str, Any]:
+        """Passes until the experiment is in one of `statuses`; returns it."""
+        wait_until(lambda: self.status_after_a_pass() in statuses, timeout, f"{self.id} to be {statuses}", 0.3)
+        return self.get()
+
+    def restart(self) -> None:
+        """A new control loop, as a restarted service has: nothing of the old one's memory."""
+        from service.control import ControlLoop
+
+        self.loop = ControlLoop(self.settings, self.ctx.sessions, self.ctx.ray)
+
+
 @pytest.fixture
 def on_shared_head(ray_head: EmbeddedHead, tmp_path: Path) -> Iterator[ServiceProcess]:
     """The service as a process on the session's Ray head (CDSP_RAY_ADDRESS) with the real job entrypoint

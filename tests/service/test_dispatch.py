@@ -31,7 +31,7 @@ from service.ray_head import EmbeddedHead
 from service.ray_jobs import RayJobs
 from service.reconciler import Reconciler
 from service.settings import Settings
-from tests.service.conftest import AUTH, UNREACHABLE_RAY, small_spec, wait_until
+from tests.service.conftest import AUTH, UNREACHABLE_RAY, TurnedByHand, small_spec, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(240)]
 FINAL = ("succeeded", "failed", "cancelled")
@@ -236,33 +236,23 @@ def test_an_unreachable_cluster_fails_its_runs_and_they_are_stopped_when_it_is_b
     """A configured cluster that stops answering (a partition, a dead head): after `ray_lost_after` its
     running experiment is failed naming it, /readyz says why; once it answers again, the job it still
     ran is stopped (a retry must never run beside it), and the retry finishes."""
-    from service.control import ControlLoop
-
     settings = ray_settings(background=False, ray_lost_after=1.0)
-    app = create_app(settings)
-    with TestClient(app, headers=AUTH) as client:
-        ctx: AppContext = app.state.ctx
-        exp_id = client.post("/v1/experiments", json={"spec": small_spec("slow-partition", epochs=20)}).json()["id"]
-        loop = ControlLoop(settings, ctx.sessions, ctx.ray)
-
-        def status_after_a_pass() -> str:
-            loop.pass_once()
-            return str(get(client, exp_id)["status"])
-
-        wait_until(lambda: status_after_a_pass() == "running", 60, "the job to run", 0.3)
+    with TestClient(create_app(settings), headers=AUTH) as client:
+        run = TurnedByHand(client, settings, "slow-partition", epochs=20)
+        ctx, exp_id = run.ctx, run.id
+        run.turn_until(("running",), 60)
         address, token = ctx.ray.address, settings.ray_token
         ctx.ray.rebind(UNREACHABLE_RAY, token)  # the cluster stops answering
-        wait_until(lambda: status_after_a_pass() == "failed", 30, "the run to fail as lost", 0.3)
-        failed = get(client, exp_id)
+        failed = run.turn_until(("failed",), 30)
         assert failed["error"].startswith(f"lost the Ray cluster at {UNREACHABLE_RAY}: "), failed["error"]
         ready = client.get("/readyz")
         assert ready.status_code == 503 and "unreachable" in ready.json()["ray"]
 
         ctx.ray.rebind(address, token)  # back: the job it kept running is stopped
-        loop.pass_once()
+        run.loop.pass_once()
         wait_until(lambda: ctx.ray.info(exp_id).status in ("STOPPED", "FAILED"), 60, "the orphan job to stop")
         client.post(f"/v1/experiments/{exp_id}/retry")
-        wait_until(lambda: status_after_a_pass() in FINAL, 120, "the retry to finish", 0.3)
+        run.turn_until(FINAL, 120)
         assert get(client, exp_id)["status"] == "succeeded"
 
 

@@ -11,12 +11,11 @@ from fastapi.testclient import TestClient
 
 from service import store
 from service.context import AppContext
-from service.control import ControlLoop
 from service.dispatcher import Dispatcher
 from service.main import create_app
 from service.reconciler import Reconciler
 from service.settings import Settings
-from tests.service.conftest import AUTH, UNREACHABLE_RAY, small_spec, wait_until
+from tests.service.conftest import AUTH, UNREACHABLE_RAY, TurnedByHand, small_spec, wait_until
 
 pytestmark = [pytest.mark.timeout(240)]
 
@@ -64,26 +63,18 @@ def test_a_cancel_that_comes_after_the_pass_read_the_experiment_is_recorded_as_a
     """The reconciler reads the active experiments, then a cancel stops the job before it looks at it:
     the stopped job is the user's cancel, not "stopped outside the service"."""
     settings = ray_settings(background=False)
-    app = create_app(settings)
-    with TestClient(app, headers=AUTH) as client:
-        ctx: AppContext = app.state.ctx
-        exp_id = client.post("/v1/experiments", json={"spec": small_spec("late-cancel", epochs=20)}).json()["id"]
-        loop = ControlLoop(settings, ctx.sessions, ctx.ray)
-
-        def status_after_a_pass() -> str:
-            loop.pass_once()
-            return str(get(client, exp_id)["status"])
-
-        wait_until(lambda: status_after_a_pass() == "running", 60, "the job to run", 0.3)
-        with ctx.sessions() as s:
+    with TestClient(create_app(settings), headers=AUTH) as client:
+        run = TurnedByHand(client, settings, "late-cancel", epochs=20)
+        run.turn_until(("running",), 60)
+        with run.ctx.sessions() as s:
             read_before = store.active(s)  # what the next pass read, before the cancel came
             s.expunge_all()
-        assert client.post(f"/v1/experiments/{exp_id}/cancel").status_code == 202
-        wait_until(lambda: ctx.ray.info(exp_id).status == "STOPPED", 60, "the job to stop")
+        assert client.post(f"/v1/experiments/{run.id}/cancel").status_code == 202
+        wait_until(lambda: run.ctx.ray.info(run.id).status == "STOPPED", 60, "the job to stop")
         monkeypatch.setattr(store, "active", lambda s: read_before)
-        Reconciler(settings, ctx.sessions, ctx.ray).reconcile_once()
+        Reconciler(settings, run.ctx.sessions, run.ctx.ray).reconcile_once()
         monkeypatch.undo()
-        exp = get(client, exp_id)
+        exp = run.get()
         assert exp["status"] == "cancelled" and exp["error"] is None, (exp["status"], exp["error"])
         assert exp["transitions"][-1]["reason"] == "cancelled"
 
@@ -97,28 +88,20 @@ def test_a_retry_stops_an_earlier_attempt_that_a_restarted_service_no_longer_kno
     service that saw the loss stops it; a restarted one does not know it, so the retry's dispatch
     stops every earlier attempt: two attempts never write one run folder."""
     settings = ray_settings(background=False, ray_lost_after=0.5)
-    app = create_app(settings)
-    with TestClient(app, headers=AUTH) as client:
-        ctx: AppContext = app.state.ctx
-        exp_id = client.post("/v1/experiments", json={"spec": small_spec("orphan", epochs=30)}).json()["id"]
-        loop = ControlLoop(settings, ctx.sessions, ctx.ray)
-
-        def status_after(one: ControlLoop) -> str:
-            one.pass_once()
-            return str(get(client, exp_id)["status"])
-
-        wait_until(lambda: status_after(loop) == "running", 60, "the job to run", 0.3)
-        address, token = ctx.ray.address, settings.ray_token
-        ctx.ray.rebind(UNREACHABLE_RAY, token)
-        wait_until(lambda: status_after(loop) == "failed", 30, "the run to fail as lost", 0.3)
-        ctx.ray.rebind(address, token)  # back, but the loop that knew the orphan is gone (a restart)
-        assert ctx.ray.info(exp_id).status == "RUNNING"
-        restarted = ControlLoop(settings, ctx.sessions, ctx.ray)
-        assert client.post(f"/v1/experiments/{exp_id}/retry").status_code == 200
-        restarted.pass_once()  # claims the retry: the earlier attempt has ended before it is submitted
-        assert ctx.ray.info(exp_id).status == "STOPPED"
-        assert ctx.ray.info(f"{exp_id}-r1").status in ("PENDING", "RUNNING")
-        wait_until(lambda: status_after(restarted) in ("succeeded", "failed"), 180, "the retry to finish", 0.3)
-        done = get(client, exp_id)
+    with TestClient(create_app(settings), headers=AUTH) as client:
+        run = TurnedByHand(client, settings, "orphan", epochs=30)
+        ray = run.ctx.ray
+        run.turn_until(("running",), 60)
+        address, token = ray.address, settings.ray_token
+        ray.rebind(UNREACHABLE_RAY, token)
+        run.turn_until(("failed",), 30)
+        ray.rebind(address, token)  # back, but the loop that knew the orphan is gone (a restart)
+        assert ray.info(run.id).status == "RUNNING"
+        run.restart()
+        assert client.post(f"/v1/experiments/{run.id}/retry").status_code == 200
+        run.loop.pass_once()  # claims the retry: the earlier attempt has ended before it is submitted
+        assert ray.info(run.id).status == "STOPPED"
+        assert ray.info(f"{run.id}-r1").status in ("PENDING", "RUNNING")
+        done = run.turn_until(("succeeded", "failed"), 180)
         assert done["status"] == "succeeded", done["error"]
-        assert done["ray"]["submission_id"] == f"{exp_id}-r1"
+        assert done["ray"]["submission_id"] == f"{run.id}-r1"

@@ -227,6 +227,11 @@ def test_the_list_pages_and_its_name_filter_reaches_every_experiment(
     assert "1-1 of 1" in found and ids[0] in found and ids[1] not in found
     by_miou = api.get("/ui/?sort=miou&page=2").text
     assert "3-4 of 5" in by_miou
+    beyond = api.get("/ui/?page=9").text  # past the last page: back to the last one, not to page 8
+    assert "none of 5" in beyond and 'href="/ui/?page=3"' in beyond and 'id="next"' not in beyond
+    monkeypatch.setattr(ui, "SORT_LIMIT", 3)  # the mIoU sort pages what it read, no further
+    read = api.get("/ui/?sort=miou&page=2").text
+    assert "3-3 of 3" in read and 'id="next"' not in read
 
 
 def test_a_running_experiments_page_shows_the_run_folders_copy_of_its_log(api: TestClient) -> None:
@@ -255,7 +260,8 @@ def test_errors_on_the_web_page_are_pages_and_the_api_keeps_json(api: TestClient
     for path, (code, named) in cases.items():
         r = browser.get(path)
         assert r.status_code == code and r.headers["content-type"].startswith("text/html"), (path, r.text[:200])
-        assert named in r.text and 'href="/ui/"' in r.text
+        message = re.search(r'id="message">([^<]*)<', r.text)
+        assert message and named in message.group(1) and "back to the experiments" in r.text, r.text[-600:]
     exp = submit(api, small_spec("forged"))
     forged = browser.post(f"/ui/experiments/{exp['id']}/cancel", data={"csrf": "0" * 64})
     assert (

@@ -19,7 +19,7 @@ import pytest
 from cdsp_core import runs
 from tests.workers.helpers import REPO, tiny_spec
 
-EPOCHS, STEPS = 3, 4  # 16 images, global batch 4 over 2 workers: 4 steps an epoch
+EPOCHS, STEPS = 6, 4  # 16 images, global batch 4 over 2 workers: 4 steps an epoch
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +72,16 @@ def wait_for(path: Path, proc: subprocess.Popen[str], timeout: float) -> None:
         time.sleep(0.1)
 
 
+def wait_logged(log: Path, text: str, proc: subprocess.Popen[str], timeout: float) -> None:
+    """Wait until the driver's log holds `text`. Worker lines reach the driver through Ray's log
+    monitor, a second or more after they are printed (more on a loaded machine)."""
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before {text!r} reached its log"
+        assert time.monotonic() < deadline, f"{text!r} did not reach the driver's log within {timeout} s"
+        time.sleep(0.1)
+
+
 def wait_registered(out: Path, epoch: int, proc: subprocess.Popen[str], timeout: float) -> None:
     """Wait until Ray's checkpoint manager has registered the checkpoint of `epoch` (its snapshot says
     so). Until then a restarted group gets no checkpoint from Ray and resumes from the run folder,
@@ -117,10 +127,10 @@ def test_worker_killed_mid_epoch_then_whole_run_killed(ray_cluster: Any, synth16
         workers = train_worker_pids()
         assert len(workers) == 2, workers
         os.kill(max(workers), signal.SIGKILL)
-        # 2. After the recovery, epoch 3 starts: kill the driver (the whole run) inside it.
+        # 2. After the recovery (its resume line in the driver's log), kill the driver: the whole run.
         wait_for(ckpt / "stage2-epoch002.pt", first, timeout=180)
         assert max(workers) not in train_worker_pids()
-        time.sleep(0.5)
+        wait_logged(tmp_path / "first.log", "stage2: resuming from", first, timeout=60)
         first.kill()
         first.wait(timeout=30)
     finally:
@@ -132,6 +142,8 @@ def test_worker_killed_mid_epoch_then_whole_run_killed(ray_cluster: Any, synth16
     assert len(resumed) == 1 and resumed[0].endswith("at epoch 2"), resumed
     assert "/ray/stage2/checkpoint_" in resumed[0]  # Ray's reported checkpoint, from get_checkpoint()
     assert not (out / "result.json").exists()
+    saved = max(runs.checkpoint_epoch(p.name) for p in ckpt.glob("stage2-epoch*.pt"))
+    assert saved < EPOCHS, "the run finished before the driver was killed"
 
     # 3. The same command again: the run resumes after its last checkpoint instead of starting over.
     second = subprocess.run(
@@ -142,7 +154,7 @@ def test_worker_killed_mid_epoch_then_whole_run_killed(ray_cluster: Any, synth16
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     resumed = [ln for ln in (second.stdout + second.stderr).splitlines() if "stage2: resuming from" in ln]
     assert len(resumed) == 1, resumed
-    assert resumed[0].endswith("at epoch 3"), resumed
+    assert resumed[0].endswith(f"at epoch {saved + 1}"), resumed
     print(f"worker kill + driver kill + resume: {time.perf_counter() - t0:.1f} s")
 
     rows = [r for r in runs.read_jsonl(str(out / runs.METRICS)) if r["stage"] == "stage2"]

@@ -103,6 +103,8 @@ def test_the_largest_trial_sizes_the_concurrency(tiny_synth: Path) -> None:
         search__space={"resources.num_workers": {"grid": [1, 2, 4]}, "resources.cpus_per_worker": {"choice": [1, 3]}},
     )  # fmt: skip
     assert largest_trial(sized) == (4, 3.0, False)
+    drawn = tiny_spec(tiny_synth, kind="search", search__space={"resources.num_workers": {"randint": [1, 3]}})
+    assert largest_trial(drawn)[0] == 2  # randint's upper bound is never drawn
 
 
 def test_best_trial_skips_errors_and_unscored() -> None:
