@@ -100,10 +100,11 @@ class Dispatcher:
                     continue  # not running
                 log.warning("stopping %s, an earlier attempt of %s that still runs", sid, claim.experiment_id)
                 # Within half the claim's grace: past it another replica would put the claim back.
-                deadline = time.monotonic() + min(EARLIER_ATTEMPT_STOP_WAIT, self.settings.dispatch_grace / 2)
+                wait = min(EARLIER_ATTEMPT_STOP_WAIT, self.settings.dispatch_grace / 2)
+                deadline = time.monotonic() + wait
                 while self.ray.info(sid).status not in ENDED:  # ended, not only asked to: then submit
                     if time.monotonic() > deadline:
-                        raise RayError(f"{sid} did not stop within {EARLIER_ATTEMPT_STOP_WAIT:.0f} s")
+                        raise RayError(f"{sid} did not stop within {wait:.0f} s")
                     time.sleep(0.5)
             except JobNotFound:
                 pass
@@ -116,8 +117,6 @@ class Dispatcher:
 
     def _requeue(self, claim: store.Claim, reason: str) -> None:
         with self.sessions.begin() as s:
-            if self._cancelled_instead(s, claim, reason):
-                return
             store.transition(
                 s,
                 claim.experiment_id,
@@ -125,26 +124,12 @@ class Dispatcher:
                 reason,
                 self.settings.replica_id,
                 expect=[Status.dispatching],
-                unless_cancel_asked=True,  # else the next pass (the reconciler's) cancels it
+                if_cancelled=_cancelled_before_ray(reason),
                 claimed_by=None,
                 claimed_at=None,
                 submission_id=None,
                 submitted_at=None,
             )
-
-    def _cancelled_instead(self, s: Session, claim: store.Claim, why: str) -> bool:
-        """A claim that did not reach Ray, with a cancel asked meanwhile, ends cancelled, not queued
-        again (it would be claimed and run after the user's 202) nor failed."""
-        if not store.cancel_asked(s, claim.experiment_id):
-            return False
-        return store.transition(
-            s,
-            claim.experiment_id,
-            Status.cancelled,
-            f"cancelled before it reached Ray ({why})",
-            self.settings.replica_id,
-            expect=[Status.dispatching],
-        )
 
     def _refused(self, claim: store.Claim, reason: str) -> None:
         """Ray answered but refused: requeue (often transient, e.g. its job agent is starting), then fail."""
@@ -164,8 +149,6 @@ class Dispatcher:
 
     def _fail(self, claim: store.Claim, error: str) -> None:
         with self.sessions.begin() as s:
-            if self._cancelled_instead(s, claim, error):
-                return
             store.transition(
                 s,
                 claim.experiment_id,
@@ -173,6 +156,12 @@ class Dispatcher:
                 error,
                 self.settings.replica_id,
                 expect=[Status.dispatching],
-                unless_cancel_asked=True,
+                if_cancelled=_cancelled_before_ray(error),
                 error=error,
             )
+
+
+def _cancelled_before_ray(why: str) -> tuple[str, dict[str, object]]:
+    """A claim that did not reach Ray, with a cancel asked meanwhile, ends cancelled, not queued again
+    (it would be claimed and run after the user's 202) nor failed."""
+    return f"cancelled before it reached Ray ({why})", {}

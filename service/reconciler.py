@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -101,22 +102,21 @@ class Reconciler:
         if exp.submitted_at is None:
             if not store.stale_claim(exp, utcnow(), self.settings.dispatch_grace):
                 return  # a dispatcher may be submitting it right now
+            unclaimed = {"claimed_by": None, "claimed_at": None, "submission_id": None}
             self._move(
                 exp,
                 Status.queued,
                 "claim never reached Ray; requeued",
                 export=False,
-                if_cancelled={"reason": "cancelled before it reached Ray"},
-                claimed_by=None,
-                claimed_at=None,
-                submission_id=None,
+                if_cancelled=("cancelled before it reached Ray", unclaimed),
+                **unclaimed,
             )
             return
         error = (
             f"Ray job {exp.submission_id} is no longer known to the cluster at {self.ray.address} "
             "(was the Ray head restarted?); retry resumes from the latest checkpoint"
         )
-        self._move(exp, Status.failed, "Ray job lost", if_cancelled={}, error=error)
+        self._move(exp, Status.failed, "Ray job lost", if_cancelled=("Ray job lost", {"error": error}), error=error)
 
     def _finish(self, exp: Experiment, spec: ExperimentSpec, job: JobInfo) -> None:
         """Copy the logs, read the run folder a last time, then record the final state."""
@@ -155,7 +155,7 @@ class Reconciler:
                 exp,
                 Status.failed,
                 f"Ray job {job.status.lower()}",
-                if_cancelled={"reason": "cancelled", "error": None} if stopped else None,
+                if_cancelled=("cancelled", {"finished_at": when, "error": None}) if stopped else None,
                 finished_at=when,
                 error=error,
             )
@@ -205,7 +205,8 @@ class Reconciler:
                 f"{cause}; the logs up to then are in logs/{sid}.log; retry resumes from the latest "
                 "checkpoint once a cluster answers"
             )
-            if self._move(exp, Status.failed, "Ray cluster lost", if_cancelled={}, finished_at=utcnow(), error=error):
+            lost: dict[str, Any] = {"finished_at": utcnow(), "error": error}
+            if self._move(exp, Status.failed, "Ray cluster lost", if_cancelled=("Ray cluster lost", lost), **lost):
                 self._lost[exp.id] = sid
                 failed.append(exp.id)
         return failed
@@ -275,37 +276,19 @@ class Reconciler:
         to: Status,
         reason: str,
         export: bool = True,
-        if_cancelled: dict[str, object] | None = None,
-        **values: object,
+        if_cancelled: tuple[str, dict[str, Any]] | None = None,
+        **values: Any,
     ) -> bool:
         """Record a transition; an experiment that ends here (finished, lost with its job or its cluster)
         is mirrored to MLflow once the move is committed. Experiments that end before reaching Ray
         (`export=False`; cancelled in the queue or refused at dispatch elsewhere) ran nothing and are not
         mirrored. A failure to start the mirror is logged: MLflow never decides an experiment's fate,
         nor stops the caller's work after the move (`fail_submitted` still records the lost job).
-
-        With `if_cancelled` (values that replace or add to `values`, and maybe a `reason`), an
-        experiment with a cancel asked is cancelled instead. The flag is read in the move's own
-        transaction, not from `exp`: a cancel may come after the pass loaded it, and the other move
-        requires the flag still unset.
+        `if_cancelled`: the move instead when a cancel was asked (store.transition).
         """
         with self.sessions.begin() as s:
-            unless_cancel_asked = False
-            if if_cancelled is not None:
-                if store.cancel_asked(s, exp.id):
-                    instead = dict(if_cancelled)
-                    to, reason, values = Status.cancelled, str(instead.pop("reason", reason)), values | instead
-                else:
-                    unless_cancel_asked = True
             moved = store.transition(
-                s,
-                exp.id,
-                to,
-                reason,
-                self.replica,
-                expect=[Status(exp.status)],
-                unless_cancel_asked=unless_cancel_asked,
-                **values,
+                s, exp.id, to, reason, self.replica, expect=[Status(exp.status)], if_cancelled=if_cancelled, **values
             )
         if moved and export and to in FINAL:
             try:

@@ -127,13 +127,23 @@ def transition(
     replica: str,
     expect: Iterable[Status] | None = None,
     unless_cancel_asked: bool = False,
+    if_cancelled: tuple[str, dict[str, Any]] | None = None,
     **values: Any,
 ) -> bool:
     """Move an experiment to `to` if it is in one of `expect` (default: every legal source) and, with
     `unless_cancel_asked`, if no cancel has been asked for it.
 
+    With `if_cancelled` (a reason and the values of that move), an experiment whose cancel was asked is
+    cancelled instead, and the other move requires the flag still unset: the flag is read here, in the
+    move's transaction, since a cancel may come after the caller loaded the experiment.
+
     Returns False, changing nothing, when another actor moved it (or asked to cancel it) first.
     """
+    if if_cancelled is not None:
+        if cancel_asked(session, experiment_id):
+            to, (reason, values) = Status.cancelled, (if_cancelled[0], dict(if_cancelled[1]))
+        else:
+            unless_cancel_asked = True
     froms = sources(to) if expect is None else frozenset(expect) & sources(to)
     now = utcnow()
     stamp = _STAMP.get(to)

@@ -126,12 +126,16 @@ def workers_that_fit(nodes: list[dict[str, float]], cpus_per_worker: float, use_
     return sum(int(min(r.get("CPU", 0) // cpus_per_worker, gpus(r))) for r in nodes)
 
 
-def trainers_that_fit(num_workers: int, cpus_per_worker: float, use_gpu: bool) -> int:
-    """How many trainers of `num_workers` such workers the connected cluster's live nodes run side by side."""
+def live_nodes() -> list[dict[str, float]]:
+    """The resources of the connected cluster's live nodes."""
     import ray
 
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    return workers_that_fit(nodes, cpus_per_worker, use_gpu) // max(1, num_workers)
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
+def trainers_that_fit(num_workers: int, cpus_per_worker: float, use_gpu: bool) -> int:
+    """How many trainers of `num_workers` such workers the connected cluster's live nodes run side by side."""
+    return workers_that_fit(live_nodes(), cpus_per_worker, use_gpu) // max(1, num_workers)
 
 
 def wait_for_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool, wait: float | None = None) -> None:
@@ -140,12 +144,10 @@ def wait_for_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool, 
     `wait` seconds (CDSP_RESOURCE_WAIT, default 300) instead of letting the run wait forever."""
     import time
 
-    import ray
-
     wait = float(os.environ.get(RESOURCE_WAIT_ENV, DEFAULT_RESOURCE_WAIT)) if wait is None else wait
     deadline = time.monotonic() + wait
     while True:
-        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        nodes = live_nodes()
         fits = workers_that_fit(nodes, cpus_per_worker, use_gpu)
         if fits >= num_workers:
             return
