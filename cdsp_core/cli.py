@@ -29,9 +29,14 @@ data_app = typer.Typer(
 RootOpt = Annotated[Path, typer.Option("--root", help="Dataset root (VOC/ScribbleSup layout).")]
 
 
+def error_line(message: str) -> None:
+    """One `error:` line on stderr, the message as plain text (never read as rich markup)."""
+    err.print("[red]error:[/red] " + escape(message), markup=True)
+
+
 def fail(message: str) -> None:
     """Print a one-line error and exit 2."""
-    err.print("[red]error:[/red] " + escape(message), markup=True)
+    error_line(message)
     raise typer.Exit(2)
 
 

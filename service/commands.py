@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Column, Table
 
+from cdsp_core.cli import error_line as error
 from service.client import ApiError, Client, ClientError
 
 # No markup parsing of what we print: ids, paths, errors and logs are text ("[a]" in a path stays).
@@ -30,11 +31,6 @@ FINAL = ("succeeded", "failed", "cancelled")
 IdArg = Annotated[str, typer.Argument(help="Experiment id (from `cdsp submit` or `cdsp list`).")]
 client_app = typer.Typer()
 """The client verbs, merged into the top level of `cdsp` (service/cli.py)."""
-
-
-def error(message: str) -> None:
-    """One `error:` line on stderr, the message as plain text."""
-    err.print("[red]error:[/red] " + escape(message), markup=True, soft_wrap=True)
 
 
 def handles_errors(fn: F) -> F:

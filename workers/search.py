@@ -268,18 +268,18 @@ def largest_trial(spec: ExperimentSpec) -> tuple[int, float, bool]:
     assert spec.search is not None
     res, space = spec.resources, spec.search.space
 
-    def most(key: str, base: float) -> float:
+    def candidates(key: str, base: Any) -> list[Any]:
+        """The values a trial may give `resources.<key>` (the spec's own when the space leaves it)."""
         domain = space.get(f"resources.{key}")
         if domain is None:
-            return base
+            return [base]
         if domain.randint is not None:  # [low, high): high itself is never drawn
-            return float(domain.randint[1] - 1)
-        values = domain.grid or domain.choice or domain.uniform or domain.loguniform or [base]
-        return max(float(v) for v in values)
+            return [domain.randint[1] - 1]
+        return list(domain.grid or domain.choice or domain.uniform or domain.loguniform or [base])
 
-    gpu = res.use_gpu or any(bool(v) for v in (getattr(space.get("resources.use_gpu"), "grid", None) or []))
-    gpu = gpu or any(bool(v) for v in (getattr(space.get("resources.use_gpu"), "choice", None) or []))
-    return int(most("num_workers", res.num_workers)), most("cpus_per_worker", res.cpus_per_worker), gpu
+    workers = int(max(float(v) for v in candidates("num_workers", res.num_workers)))
+    cpus = max(float(v) for v in candidates("cpus_per_worker", res.cpus_per_worker))
+    return workers, cpus, res.use_gpu or any(bool(v) for v in candidates("use_gpu", False))
 
 
 def run_search(
