@@ -48,9 +48,10 @@ from cdsp_core.data.dataset import WholeImageDataset  # noqa: E402
 from cdsp_core.data.degrade import write_degraded, write_trivial  # noqa: E402
 from cdsp_core.data.layout import Layout  # noqa: E402
 from cdsp_core.data.synthetic import generate  # noqa: E402
-from cdsp_core.engine import build_stage2_model, evaluate  # noqa: E402
+from cdsp_core.evaluation import evaluate  # noqa: E402
 from cdsp_core.pipeline import run_pipeline  # noqa: E402
 from cdsp_core.runner import Runner, load_checkpoint  # noqa: E402
+from cdsp_core.segmentor import build_stage2_model  # noqa: E402
 from cdsp_core.spec import ExperimentSpec, load_spec  # noqa: E402
 
 TERMS = ("segs", "segc", "ds", "dc", "lorm")
@@ -399,6 +400,9 @@ def main() -> None:
     parser.add_argument("--labels", nargs="*", help="run only the rows whose label contains one of these")
     parser.add_argument("--only", nargs="*", help="row groups to run (table2, stage1, lorm, geometry, table3...)")
     parser.add_argument("--datasets", nargs="*", help="run only the rows of these datasets (main, single, 64px)")
+    only_labels = "make the chosen rows' pseudo-labels (stage 1 and external) and print their quality and folder; "
+    only_labels += "train no stage 2 and write no report (for benchmarks/label_errors.py)"
+    parser.add_argument("--labels-only", action="store_true", help=only_labels)
     args = parser.parse_args()
     # Absolute: run folders become data.pseudo_label_dir, which a spec resolves against data.root.
     args.runs = str(Path(args.runs).resolve()) if args.runs else str(ROOT / f"runs/synthetic-accuracy-{args.size}px")
@@ -426,6 +430,13 @@ def main() -> None:
             args.datasets and row.dataset not in args.datasets
         ):
             continue
+        if args.labels_only:
+            if row.source is not None:
+                folder = pseudo_dir(row, args, bases[row.dataset], cache)
+                quality = cache[f"{row.source_id}-quality"]
+                print(f"{row.source_id:24s} pseudo-label mIoU {fmt(quality['pseudo_label_miou'])} "
+                      f"(trivial {fmt(quality['trivial_label_miou'])}): {folder}", flush=True)  # fmt: skip
+            continue
         if row.result and not (Path(args.runs) / row.key / runs.RESULT).exists():
             continue  # recorded by an earlier call whose run folder is gone: not run again
         row.result = run_row(row, args, bases[row.dataset], cache)
@@ -435,6 +446,8 @@ def main() -> None:
         print(f"{row.group:16s} {row.dataset:6s} {row.label:42s} {row.source or '-':18s} seed {seed} "
               f"mIoU {fmt(row.result.get('miou'))}", flush=True)  # fmt: skip
         report()  # partial results survive a stop
+    if args.labels_only:
+        return
     for row in rows:  # qualities of sources an earlier call made
         if row.result and row.source is not None and f"{row.source_id}-quality" not in cache:
             pseudo_dir(row, args, bases[row.dataset], cache)

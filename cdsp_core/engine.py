@@ -1,5 +1,6 @@
-"""Training and evaluation loops for both stages, run by a plain process or by Ray Train; stage 2's
-segmentor here, stage 1's classifier in `cdsp_core.classifier`.
+"""The training loop of both stages, run by a plain process or by Ray Train: stage 1's classifier
+(`cdsp_core.classifier`) and stage 2's segmentor (`cdsp_core.segmentor`) each give it their model,
+optimizer and loss; evaluation is in `cdsp_core.evaluation`.
 
 One epoch loop (`fit`) serves both stages: per-iteration learning rate (`lr_at`), optional bf16
 autocast on CUDA, metrics and an exact-resume checkpoint from rank 0 after every epoch, and
@@ -16,27 +17,17 @@ import zlib
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from cdsp_core import runs
-from cdsp_core.data.dataset import (
-    TrainDataset,
-    WholeImageDataset,
-    collate,
-    same_size_batches,
-)
-from cdsp_core.data.layout import DatasetError, Layout
-from cdsp_core.losses import LossConfig, cdsp_loss
-from cdsp_core.metrics import ConfusionMatrix
-from cdsp_core.models import build_segmentor, default_rates, scaled_rates
+from cdsp_core.data.dataset import collate
+from cdsp_core.data.layout import DatasetError
 from cdsp_core.runner import (
     EpochTimer,
     Runner,
@@ -271,186 +262,3 @@ def _epoch_line(row: dict[str, Any]) -> str:
         parts.append(f"mIoU {row['miou']:.2f}")
     parts.append(f"{row['epoch_seconds']:.1f}s")
     return " | ".join(parts)
-
-
-# ---- evaluation --------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def predict_probs(
-    model: nn.Module, images: torch.Tensor, scales: Iterable[float] = (1.0,), flip: bool = False
-) -> torch.Tensor:
-    """Class probabilities (B, K, H, W) averaged over scales (and horizontal flips)."""
-    size = images.shape[-2:]
-    total: torch.Tensor | None = None
-    n = 0
-    for s in scales:
-        x = images if s == 1.0 else F.interpolate(images, scale_factor=s, mode="bilinear", align_corners=True)
-        for flipped in (False, True) if flip else (False,):
-            xi = x.flip(-1) if flipped else x
-            logits = model(xi)["logits"].float()
-            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
-            probs = logits.softmax(1)
-            probs = probs.flip(-1) if flipped else probs
-            total = probs if total is None else total + probs
-            n += 1
-    assert total is not None
-    return total / n
-
-
-def evaluate(
-    model: nn.Module,
-    dataset: Dataset,
-    runner: Runner,
-    num_classes: int,
-    *,
-    scales: Iterable[float] = (1.0,),
-    flip: bool = False,
-    batch_size: int = 8,
-    workers: int = 0,
-    amp: bool = True,
-    label_key: str = "gt",
-) -> ConfusionMatrix:
-    """Confusion matrix on whole images; each rank takes every world_size-th image, then all-reduce."""
-    shard = Subset(dataset, list(range(runner.rank, len(dataset), runner.world_size)))  # type: ignore[arg-type]
-    loader = DataLoader(shard, batch_size=batch_size, num_workers=workers, collate_fn=list)
-    net = unwrap(model)
-    was_training = net.training
-    net.eval()
-    cm = ConfusionMatrix(num_classes, runner.device)
-    scales = tuple(scales)
-    for samples in loader:
-        for batch in same_size_batches(samples):
-            images = batch["image"].to(runner.device, non_blocking=True)
-            with autocast(runner.device, amp):
-                probs = predict_probs(net, images, scales, flip)
-            cm.update(probs.argmax(1), batch[label_key].to(runner.device))
-    net.train(was_training)
-    cm.all_reduce(runner.all_reduce)
-    return cm
-
-
-# ---- stage 2 -----------------------------------------------------------------------------
-
-
-def loss_config(spec: ExperimentSpec) -> LossConfig:
-    """Weights of the switched-on terms (a switched-off term has weight 0)."""
-    s2 = spec.stage2
-    return LossConfig(
-        **spec.loss_weights_in_use, label_smoothing=s2.label_smoothing, lorm_background_rows=s2.lorm_background_rows
-    )
-
-
-def stage2_rates(spec: ExperimentSpec) -> tuple[int, ...]:
-    """The ASPP's 3x3 rates: the spec's, else the head form's scaled to the crop's feature map."""
-    s2 = spec.stage2
-    if s2.aspp_rates is not None:
-        return tuple(s2.aspp_rates)
-    return scaled_rates(
-        default_rates(s2.segmentor, s2.head_form, s2.output_stride), spec.data.crop_size, s2.output_stride
-    )
-
-
-def sync_batchnorm(model: nn.Module, spec: ExperimentSpec, world_size: int) -> nn.Module:
-    """The model with its BatchNorms synchronised across DDP workers when the spec asks and there are several."""
-    if spec.stage2.sync_batchnorm and world_size > 1:
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model
-
-
-def build_stage2_model(spec: ExperimentSpec, pretrained: bool = True) -> nn.Module:
-    """The spec's segmentor; `pretrained=False` skips the backbone's initial weights (for a model whose
-    weights come next from a checkpoint, on a machine that may not hold the ImageNet file)."""
-    s2 = spec.stage2
-    with_lorm = s2.losses.lorm and s2.loss_weights.lorm > 0
-    weights = s2.pretrained if pretrained else "none"
-    return build_segmentor(
-        s2.segmentor, s2.backbone, spec.data.num_classes, s2.output_stride, weights, with_lorm, s2.lorm_mask,
-        s2.head_form, stage2_rates(spec), s2.lorm_temperature,
-    )  # fmt: skip
-
-
-def train_segmentor(
-    spec: ExperimentSpec, runner: Runner, *, scribble_dir: Path, pseudo_dir: Path | None
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Stage 2: DeepLab with the CDSP loss. Returns the model and its final evaluation."""
-    s2, data = spec.stage2, spec.data
-    cfg = loss_config(spec)
-    active = cfg.active()
-    need_pseudo = any(t in active for t in ("segc", "dc", "lorm"))
-    if need_pseudo and pseudo_dir is None:
-        raise DatasetError(f"stage 2 needs pseudo-labels for the loss terms {sorted(active)} but none were given")
-    dataset = TrainDataset(
-        data.model_copy(update={"pseudo_label_dir": str(pseudo_dir) if pseudo_dir else None}),
-        scribble_dir=scribble_dir,
-        with_pseudo=need_pseudo,
-        with_dist_s="ds" in active,
-        with_dist_c="dc" in active,
-        lambda_s=s2.lambda_s,
-        lambda_c=s2.lambda_c,
-    )
-    lay = Layout.from_spec(data)
-    val = WholeImageDataset(data, "val", {"gt": lay.gt_dir})
-    torch.manual_seed(spec.seed)  # identical initial weights on every rank
-    model = sync_batchnorm(build_stage2_model(spec), spec, runner.world_size)
-    if s2.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    torch.manual_seed(spec.seed * 1000 + 17 + runner.rank)  # per-rank augmentation stream
-    loader = make_train_loader(dataset, s2.batch_size, data.loader_workers, runner, "stage 2")
-    uses_pseudo_in_model = "lorm" in active
-    lorm_warmup_steps = s2.lorm_warmup_epochs * len(loader)
-
-    def compute_loss(net: nn.Module, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        t = batch_to(batch, runner.device, ("image", "scribble", "pseudo", "dist_s", "dist_c"))
-        images = t["image"]
-        if s2.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        out = net(images, t.get("pseudo") if uses_pseudo_in_model else None)
-        return cdsp_loss(
-            cfg,
-            out["logits"],
-            t["scribble"],
-            t.get("pseudo"),
-            t.get("dist_s"),
-            t.get("dist_c"),
-            out.get("features"),
-            out.get("rectified"),
-            out.get("foreground"),
-            lorm_scale=min(1.0, step / lorm_warmup_steps) if lorm_warmup_steps else 1.0,
-        )
-
-    def make_optimizer(net: nn.Module) -> torch.optim.Optimizer:
-        return torch.optim.SGD(
-            net.param_groups(s2.lr, s2.head_lr_mult),  # type: ignore[operator]
-            lr=s2.lr,
-            momentum=s2.momentum,
-            weight_decay=s2.weight_decay,
-        )
-
-    final: dict[str, Any] = {}
-
-    def evaluate_fn(net: nn.Module, epoch: int) -> dict[str, Any]:
-        if epoch % s2.eval_every and epoch != s2.epochs:
-            return {}
-        cm = evaluate(
-            net,
-            val,
-            runner,
-            data.num_classes,
-            scales=s2.eval_scales,
-            flip=s2.eval_flip,
-            workers=data.loader_workers,
-            amp=s2.amp,
-        )
-        final.update(miou=round(cm.miou(), 4), per_class_iou=cm.per_class())
-        return {"miou": final["miou"]}
-
-    model, row = fit(
-        "stage2", model, make_optimizer, loader, compute_loss, runner, spec,
-        epochs=s2.epochs, warmup_epochs=s2.warmup_epochs, keep=s2.keep_checkpoints, amp=s2.amp,
-        evaluate_fn=evaluate_fn,
-    )  # fmt: skip
-    if not final:  # resumed after the last epoch: evaluate the loaded model once more
-        evaluate_fn(model, s2.epochs)
-    final.update(epochs=s2.epochs, checkpoint=f"checkpoints/{runs.checkpoint_name('stage2', s2.epochs)}", row=row)
-    return model, final

@@ -188,7 +188,7 @@ def run_figures(
     from cdsp_core.data.layout import Layout, read_ids
     from cdsp_core.data.transforms import normalize
     from cdsp_core.distance import pseudo_boundary_distance_map, scribble_distance_map
-    from cdsp_core.engine import predict_probs
+    from cdsp_core.evaluation import predict_probs
     from cdsp_core.runner import unwrap
 
     k = spec.data.num_classes

@@ -26,9 +26,9 @@ from cdsp_core.cam import generate_pseudo_labels, label_quality, quality_row
 from cdsp_core.classifier import build_stage1_model, stage1_checkpoint, stage1_name, train_classifier
 from cdsp_core.data.layout import Layout, check_dataset, require_layout
 from cdsp_core.data.scribbles import scribble_folder
-from cdsp_core.engine import train_segmentor
 from cdsp_core.runner import Runner, append_metrics, default_device, latest_run_checkpoint, load_checkpoint
 from cdsp_core.runs import QUALITY_KEYS
+from cdsp_core.segmentor import train_segmentor
 from cdsp_core.spec import ExperimentSpec
 
 COMPLETE = ".complete"

@@ -13,9 +13,10 @@ import torch
 from cdsp_core import runs
 from cdsp_core.data.files import read_image, write_label
 from cdsp_core.data.transforms import normalize
-from cdsp_core.engine import build_stage2_model, predict_probs
+from cdsp_core.evaluation import predict_probs
 from cdsp_core.figures import colourize
 from cdsp_core.runner import DOWNLOAD_PREFIX, fetched, load_checkpoint
+from cdsp_core.segmentor import build_stage2_model
 from cdsp_core.spec import validate_spec
 
 

@@ -105,8 +105,8 @@ def test_a_checkpoint_trained_from_imagenet_weights_loads_where_those_weights_ar
 ) -> None:
     """Prediction takes every weight from the checkpoint: it never needs the backbone's initial weights
     (it used to rebuild the model with them and fail on a machine without the ImageNet file)."""
-    from cdsp_core.engine import build_stage2_model
     from cdsp_core.predict import load_segmentor
+    from cdsp_core.segmentor import build_stage2_model
     from cdsp_core.spec import validate_spec
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-cache"))

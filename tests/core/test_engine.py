@@ -11,7 +11,8 @@ from torch import nn
 from cdsp_core import runs
 from cdsp_core.data.dataset import WholeImageDataset
 from cdsp_core.data.files import write_label
-from cdsp_core.engine import TrainingDiverged, evaluate, fit, lr_at
+from cdsp_core.engine import TrainingDiverged, fit, lr_at
+from cdsp_core.evaluation import evaluate
 from cdsp_core.metrics import ConfusionMatrix
 from cdsp_core.pipeline import run_pipeline
 from cdsp_core.runner import Runner, list_checkpoints, load_checkpoint
@@ -275,7 +276,7 @@ def test_model_and_batches_share_the_runners_device(tiny_synth, tmp_path, monkey
     CPU-only machines give the runner the meta device: a model left on the CPU would meet meta
     batches. The model's first forward pass compares the devices, then stops the run.
     """
-    from cdsp_core import classifier, engine
+    from cdsp_core import classifier, segmentor
 
     def checked(build):
         def build_and_watch(*args, **kwargs):
@@ -292,7 +293,7 @@ def test_model_and_batches_share_the_runners_device(tiny_synth, tmp_path, monkey
         return build_and_watch
 
     monkeypatch.setattr(classifier, "build_stage1_model", checked(classifier.build_stage1_model))
-    monkeypatch.setattr(engine, "build_stage2_model", checked(engine.build_stage2_model))
+    monkeypatch.setattr(segmentor, "build_stage2_model", checked(segmentor.build_stage2_model))
     spec = tiny_spec(tiny_synth, **{"stage1.method": "dense"})
     runner = Runner(run=str(tmp_path), device=torch.device("meta"), progress=False)
     scribbles = tiny_synth / "pascal_2012_scribble"
@@ -300,4 +301,5 @@ def test_model_and_batches_share_the_runners_device(tiny_synth, tmp_path, monkey
         if stage == "stage1":
             classifier.train_classifier(spec, runner, scribble_dir=scribbles)
         else:
-            engine.train_segmentor(spec, runner, scribble_dir=scribbles, pseudo_dir=tiny_synth / "SegmentationClassAug")
+            pseudo = tiny_synth / "SegmentationClassAug"
+            segmentor.train_segmentor(spec, runner, scribble_dir=scribbles, pseudo_dir=pseudo)

@@ -174,7 +174,7 @@ def test_unknown_names_list_the_valid_ones():
 
 
 def test_sync_batchnorm_only_when_asked_and_distributed():
-    from cdsp_core.engine import build_stage2_model, sync_batchnorm
+    from cdsp_core.segmentor import build_stage2_model, sync_batchnorm
     from cdsp_core.spec import validate_spec
 
     raw = {"data": {"crop_size": 65}, "stage2": {"backbone": "resnet18", "sync_batchnorm": True}}

@@ -38,7 +38,7 @@ def _cdsp(args: list[str], timeout: float, env: dict[str, str] | None = None) ->
 def test_model_batches_and_loss_share_the_gpu_in_one_process(tiny_synth: Path, tmp_path: Path) -> None:
     """Stage 1 and stage 2 of a plain runner on the GPU: every forward pass sees its inputs on the
     model's device (a hook checks), and the loss is on it too."""
-    from cdsp_core import classifier, engine
+    from cdsp_core import classifier, segmentor
     from cdsp_core.runner import Runner
 
     seen: list[tuple[str, str]] = []
@@ -57,13 +57,14 @@ def test_model_batches_and_loss_share_the_gpu_in_one_process(tiny_synth: Path, t
 
     mp = pytest.MonkeyPatch()
     mp.setattr(classifier, "build_stage1_model", watched(classifier.build_stage1_model))
-    mp.setattr(engine, "build_stage2_model", watched(engine.build_stage2_model))
+    mp.setattr(segmentor, "build_stage2_model", watched(segmentor.build_stage2_model))
     try:
         spec = tiny_spec(tiny_synth, stage1__method="dense", resources__num_workers=1, resources__use_gpu=True)
         runner = Runner(run=str(tmp_path), device=CUDA, progress=False)
         scribbles = tiny_synth / "pascal_2012_scribble"
         classifier.train_classifier(spec, runner, scribble_dir=scribbles)
-        engine.train_segmentor(spec, runner, scribble_dir=scribbles, pseudo_dir=tiny_synth / "SegmentationClassAug")
+        pseudo = tiny_synth / "SegmentationClassAug"
+        segmentor.train_segmentor(spec, runner, scribble_dir=scribbles, pseudo_dir=pseudo)
     finally:
         mp.undo()
     assert seen and all(a == b and a.startswith("cuda") for a, b in seen), sorted(set(seen))

@@ -21,9 +21,9 @@ def probe(spec: Any, run: str, runner: Any, *, out: str) -> dict[str, Any]:
 
     from cdsp_core.cam import generate_pseudo_labels
     from cdsp_core.classifier import build_stage1_model
-    from cdsp_core.engine import train_segmentor
     from cdsp_core.pipeline import prepare_run
     from cdsp_core.runner import unwrap
+    from cdsp_core.segmentor import train_segmentor
 
     reduced: list[Any] = []
     reduce = runner.all_reduce
