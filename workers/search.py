@@ -38,6 +38,7 @@ ROW_KEYS = ("stage", "epoch", "epochs", "step", "lr", "loss", "miou", "epoch_sec
 LAMBDAS = ("stage2.lambda_s", "stage2.lambda_c")
 RATIOS = ("data.shrink_ratio", "data.drop_ratio")
 TRIAL_MEMORY = 256 * 2**20  # bytes of Ray's logical "memory" resource held by each trial's process
+FINAL = "final"  # marks a trial's closing report (its result.json's figure), not an epoch row
 
 
 def tune_domain(domain: Domain) -> Any:
@@ -76,11 +77,13 @@ def run_trial(
     run = runs.join(search_dir, TRIALS_DIR, name)
     spec = trial_spec(ExperimentSpec.model_validate(base), config, name)
     done = runs.finished_result(spec, run)
-    if done is not None:  # finished before the search was interrupted
-        tune.report({"stage": "stage2", "epoch": spec.stage2.epochs, "miou": done["miou"]})
-        return
-    launch = RayLauncher([TuneReportCallback()], lines=None)
-    run_pipeline(spec, run, launch, labels=labels, trial=name, params=config)
+    if done is None:
+        launch = RayLauncher([TuneReportCallback()], lines=None)
+        done = run_pipeline(spec, run, launch, labels=labels, trial=name, params=config)
+    # The final figure once more, marked: Tune's last result is then the trial's evaluation even when
+    # no epoch was reported in this attempt (finished before the search was interrupted, or resumed
+    # from a checkpoint of the last epoch whose report was lost with the process that saved it).
+    tune.report({"stage": "stage2", "epoch": spec.stage2.epochs, "miou": done["miou"], FINAL: True})
 
 
 # ---- what the search folder gets ----------------------------------------------------------
@@ -103,20 +106,30 @@ def trial_error(trial: Trial) -> str | None:
     return lines[-1][:500] if lines else None
 
 
+def finite(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
 def trial_entry(trial: Trial, search_dir: str, epochs: int) -> dict[str, Any]:
+    """The trial's line of trials.json. Its own run folder decides first: a result.json there is a
+    finished trial with that figure, whatever Tune last heard (a report lost to a restart or a
+    resume that had no epoch left to train). Otherwise Tune's status and last result."""
     name = str(trial)
     run = runs.join(search_dir, TRIALS_DIR, name)
     saved = list_checkpoints(run, "stage2")
-    miou = trial.last_result.get("miou")
     entry = {
         "trial": name,
         "params": dict(trial.config),
-        "miou": miou if isinstance(miou, int | float) and math.isfinite(miou) else None,
+        "miou": finite(trial.last_result.get("miou")),
         "status": trial_status(trial, epochs),
         "epoch": trial.last_result.get("epoch"),
         "checkpoint": f"{TRIALS_DIR}/{name}/{runs.CHECKPOINTS}/{saved[-1]}" if saved else None,
     }
-    if entry["status"] == "error":
+    result = runs.read_json(runs.join(run, runs.RESULT))
+    if isinstance(result, dict) and finite(result.get("miou")) is not None:
+        own_epochs = int(trial.config.get("stage2.epochs", epochs))
+        entry.update(miou=finite(result["miou"]), status="finished", epoch=own_epochs)
+    elif entry["status"] == "error":
         entry["error"] = trial_error(trial)
     return entry
 
@@ -139,7 +152,7 @@ class SearchRecorder(tune.Callback):
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
         row = {k: result[k] for k in result if k in ROW_KEYS or k.startswith("loss_")}
-        if row.get("stage") == "stage2":
+        if row.get("stage") == "stage2" and not result.get(FINAL):  # the closing report repeats a figure
             append_metrics(self.search_dir, {**row, "trial": str(trial)})
 
     def write(self, trials: list[Trial]) -> list[dict[str, Any]]:
@@ -301,7 +314,7 @@ def run_search(
     # counts each minute of waiting as a failure of its controller: the trial errors after a few.
     wanted = spec.search.max_concurrent_trials
     workers, cpus, gpu = largest_trial(spec)
-    concurrent = max(1, min(wanted, trainers_that_fit(workers, cpus, gpu)))
+    concurrent = max(1, min(wanted, trainers_that_fit(workers, cpus, gpu, spec.resources.placement)))
     if concurrent < wanted:
         log(f"search: the cluster holds {concurrent} trial(s) of {workers} worker(s) at once, "
             f"so {concurrent} run at a time, not search.max_concurrent_trials={wanted}")  # fmt: skip

@@ -116,6 +116,54 @@ def test_best_trial_skips_errors_and_unscored() -> None:
     assert best_trial([_entry("x", None)], "max") is None
 
 
+def _stub_trial(index: int, config: dict[str, Any], status: str, last: dict[str, Any]) -> Any:
+    from ray.tune.experiment import Trial
+
+    trial = Trial("run_trial", config=config, trial_id=f"ab12_{index:05d}", stub=True,
+                  trial_name_creator=lambda t: f"trial_{index:05d}")  # fmt: skip
+    trial.set_status(status)
+    if last:
+        trial.update_last_result(last)
+    return trial
+
+
+def test_a_trial_folder_with_a_result_is_a_finished_trial_whatever_tune_last_heard(tmp_path: Path) -> None:
+    """A trial resumed from its last epoch's checkpoint trains no epoch and reports none, so Tune
+    keeps the last result it had (an older epoch, or nothing): its result.json decides."""
+    from ray.tune.experiment import Trial
+
+    from workers.search import TRIALS_DIR, trial_entry
+
+    lost = _stub_trial(1, {"stage2.lr": 0.1}, Trial.TERMINATED, {"stage": "stage2", "epoch": 2, "miou": 40.0})
+    silent = _stub_trial(2, {"stage2.lr": 0.2, "stage2.epochs": 5}, Trial.TERMINATED, {})
+    asha = _stub_trial(3, {"stage2.lr": 0.3}, Trial.TERMINATED, {"stage": "stage2", "epoch": 1, "miou": 30.0})
+    for trial, miou in ((lost, 55.5), (silent, 61.25)):
+        folder = tmp_path / TRIALS_DIR / str(trial)
+        folder.mkdir(parents=True)
+        (folder / runs.RESULT).write_text(json.dumps({"miou": miou}))
+    assert trial_entry(lost, str(tmp_path), 3) | {"params": None, "checkpoint": None} == {
+        "trial": "trial_00001", "params": None, "miou": 55.5, "status": "finished", "epoch": 3, "checkpoint": None,
+    }  # fmt: skip
+    assert (trial_entry(silent, str(tmp_path), 3)["status"], trial_entry(silent, str(tmp_path), 3)["epoch"]) == (
+        "finished", 5,  # the trial's own epochs
+    )  # fmt: skip
+    stopped = trial_entry(asha, str(tmp_path), 3)  # no result.json: stopped early by ASHA, as Tune says
+    assert (stopped["status"], stopped["miou"], stopped["epoch"]) == ("stopped", 30.0, 1)
+
+
+def test_the_closing_report_adds_no_epoch_row(tmp_path: Path) -> None:
+    from ray.tune.experiment import Trial
+
+    from workers.search import FINAL, SearchRecorder
+
+    recorder = SearchRecorder(str(tmp_path), 3)
+    trial = _stub_trial(0, {}, Trial.RUNNING, {})
+    recorder.on_trial_result(0, [trial], trial, {"stage": "stage2", "epoch": 3, "miou": 50.0, "time": 1.0})
+    recorder.on_trial_result(1, [trial], trial, {"stage": "stage2", "epoch": 3, "miou": 50.0, FINAL: True})
+    rows = runs.read_jsonl(str(tmp_path / runs.METRICS))
+    assert [(r["epoch"], r["trial"]) for r in rows] == [(3, "trial_00000")]
+
+
 def test_search_figures(tmp_path: Path) -> None:
     from PIL import Image
 
