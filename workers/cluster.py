@@ -120,10 +120,46 @@ class ResourcesUnavailable(RuntimeError):
     """The cluster cannot give a run's workers what they ask for, and did not grow to within the wait."""
 
 
-def workers_that_fit(nodes: list[dict[str, float]], cpus_per_worker: float, use_gpu: bool) -> int:
-    """How many workers of `cpus_per_worker` CPUs (and one GPU each with `use_gpu`) the nodes hold at once."""
-    gpus = (lambda r: r.get("GPU", 0)) if use_gpu else (lambda r: float("inf"))
-    return sum(int(min(r.get("CPU", 0) // cpus_per_worker, gpus(r))) for r in nodes)
+RESOURCE_UNITS = 10_000  # Ray counts resources in steps of 1/10000: 0.1 CPU ten times is 1 CPU exactly
+
+
+def per_node(nodes: list[dict[str, float]], cpus_per_worker: float, use_gpu: bool) -> list[int]:
+    """How many workers of `cpus_per_worker` CPUs (and one GPU each with `use_gpu`) each node holds,
+    counted in Ray's units (float division would say 1 // 0.1 == 9)."""
+    need = max(1, round(cpus_per_worker * RESOURCE_UNITS))
+    counts = []
+    for r in nodes:
+        k = round(r.get("CPU", 0) * RESOURCE_UNITS) // need
+        counts.append(min(k, int(r.get("GPU", 0))) if use_gpu else k)
+    return counts
+
+
+def workers_that_fit(
+    nodes: list[dict[str, float]], cpus_per_worker: float, use_gpu: bool, placement: str = "pack"
+) -> int:
+    """The most workers one trainer may have on these nodes with this placement (`resources.placement`):
+    every worker anywhere (pack, spread), all on one node (strict_pack), each on its own node
+    (strict_spread)."""
+    counts = per_node(nodes, cpus_per_worker, use_gpu)
+    if placement == "strict_pack":
+        return max(counts, default=0)
+    if placement == "strict_spread":
+        return sum(1 for k in counts if k > 0)
+    return sum(counts)
+
+
+def trainers_of(counts: list[int], num_workers: int, placement: str = "pack") -> int:
+    """How many trainers of `num_workers` workers nodes holding `counts` workers each run side by side."""
+    n = max(1, num_workers)
+    if placement == "strict_pack":
+        return sum(k // n for k in counts)
+    if placement == "strict_spread":  # T trainers need n distinct nodes each; a node serves each at most once
+        best = 0
+        for t in range(1, sum(counts) // n + 1):
+            if sum(min(k, t) for k in counts) >= n * t:
+                best = t
+        return best
+    return sum(counts) // n
 
 
 def live_nodes() -> list[dict[str, float]]:
@@ -133,29 +169,37 @@ def live_nodes() -> list[dict[str, float]]:
     return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
 
 
-def trainers_that_fit(num_workers: int, cpus_per_worker: float, use_gpu: bool) -> int:
+def trainers_that_fit(num_workers: int, cpus_per_worker: float, use_gpu: bool, placement: str = "pack") -> int:
     """How many trainers of `num_workers` such workers the connected cluster's live nodes run side by side."""
-    return workers_that_fit(live_nodes(), cpus_per_worker, use_gpu) // max(1, num_workers)
+    return trainers_of(per_node(live_nodes(), cpus_per_worker, use_gpu), num_workers, placement)
 
 
-def wait_for_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool, wait: float | None = None) -> None:
-    """Return once some nodes of the connected cluster can hold every worker (`cpus_per_worker` CPUs and,
-    with `use_gpu`, one GPU each, on one node); raise ResourcesUnavailable naming what is missing after
-    `wait` seconds (CDSP_RESOURCE_WAIT, default 300) instead of letting the run wait forever."""
+def wait_for_resources(
+    num_workers: int, cpus_per_worker: float, use_gpu: bool, wait: float | None = None, placement: str = "pack"
+) -> None:
+    """Return once the connected cluster's nodes can hold every worker (`cpus_per_worker` CPUs and, with
+    `use_gpu`, one GPU each, on one node) as `placement` places them; raise ResourcesUnavailable naming
+    what is missing after `wait` seconds (CDSP_RESOURCE_WAIT, default 300) instead of letting the run
+    wait forever."""
     import time
 
     wait = float(os.environ.get(RESOURCE_WAIT_ENV, DEFAULT_RESOURCE_WAIT)) if wait is None else wait
     deadline = time.monotonic() + wait
     while True:
         nodes = live_nodes()
-        fits = workers_that_fit(nodes, cpus_per_worker, use_gpu)
-        if fits >= num_workers:
+        if workers_that_fit(nodes, cpus_per_worker, use_gpu, placement) >= num_workers:
             return
         if time.monotonic() > deadline:
             cpus, gpus = sum(r.get("CPU", 0) for r in nodes), sum(r.get("GPU", 0) for r in nodes)
             per = f"{cpus_per_worker:g} CPU{' and 1 GPU' if use_gpu else ''}"
+            how = {
+                "strict_pack": ", all on one node (resources.placement: strict_pack), "
+                f"and the largest node holds {workers_that_fit(nodes, cpus_per_worker, use_gpu, placement)}",
+                "strict_spread": ", each on its own node (resources.placement: strict_spread), "
+                f"and {workers_that_fit(nodes, cpus_per_worker, use_gpu, placement)} node(s) hold one",
+            }.get(placement, "")
             raise ResourcesUnavailable(
-                f"resources: {num_workers} worker(s) of {per} each (resources.num_workers, cpus_per_worker, "
+                f"resources: {num_workers} worker(s) of {per} each{how} (resources.num_workers, cpus_per_worker, "
                 f"use_gpu) do not fit the cluster's {len(nodes)} node(s), {cpus:g} CPUs and {gpus:g} GPUs in all; "
                 f"waited {wait:g} s for it to grow ({RESOURCE_WAIT_ENV})"
             )

@@ -87,11 +87,13 @@ def execute(spec: ExperimentSpec, out: str, address: str | None, num_cpus: int |
         if cluster.dashboard_url:
             print(f"Ray dashboard: {cluster.dashboard_url}", flush=True)
         res = spec.resources
-        wait_for_resources(res.num_workers, res.cpus_per_worker, res.use_gpu)
         if spec.kind == "search":
-            from workers.search import run_search
+            from workers.search import largest_trial, run_search
 
+            # The search's largest trial must fit, not only the spec's own resources.
+            wait_for_resources(*largest_trial(spec), placement=res.placement)
             return run_search(spec, out, log=lambda s: print(s, flush=True))
+        wait_for_resources(res.num_workers, res.cpus_per_worker, res.use_gpu, placement=res.placement)
         from cdsp_core.pipeline import run_pipeline
         from workers.train import RayLauncher
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from workers.cluster import AUTH_MODE_ENV, AUTH_TOKEN_ENV
+from workers.cluster import AUTH_MODE_ENV, AUTH_TOKEN_ENV, per_node, trainers_of, workers_that_fit
 
 
 @pytest.mark.ray
@@ -83,3 +83,24 @@ def test_a_head_refused_for_a_port_clash_starts_again_on_fresh_ports(
         assert "used by other components" in log.read_text()
     finally:
         ray_head.stop_head(head, proc)
+
+
+def test_what_fits_follows_the_placement_and_rays_resource_units() -> None:
+    two = [{"CPU": 8.0}, {"CPU": 8.0}]
+    assert per_node(two, 4, False) == [2, 2]
+    # A trainer of 4 workers x 4 CPUs: anywhere, yes; all on one node, no (2 fit); 2 nodes for spread.
+    assert [workers_that_fit(two, 4, False, p) for p in ("pack", "spread", "strict_pack", "strict_spread")] == [
+        4, 4, 2, 2,
+    ]  # fmt: skip
+    assert workers_that_fit([{"CPU": 16.0}], 1, False, "strict_spread") == 1  # one node: one worker per node
+    assert per_node([{"CPU": 1.0}], 0.1, False) == [10]  # 1 // 0.1 is 9.0 in floats
+    assert per_node([{"CPU": 16.0, "GPU": 1.0}, {"CPU": 16.0}], 2, True) == [1, 0]
+    assert workers_that_fit([], 1, False, "strict_pack") == 0
+
+
+def test_trainers_side_by_side_by_placement() -> None:
+    assert [trainers_of([3, 3], 2, p) for p in ("pack", "strict_pack", "strict_spread")] == [3, 2, 3]
+    # strict_spread: each trainer needs 2 distinct nodes; node A holds 5 but serves each trainer once.
+    assert trainers_of([5, 1, 1], 2, "strict_spread") == 2
+    assert trainers_of([1], 2, "strict_spread") == 0
+    assert trainers_of([0, 0], 1, "pack") == 0

@@ -132,9 +132,14 @@ def test_ray_job_failure_ends_with_one_error_line(ray_cluster: Any, tiny_synth: 
 def test_resources_the_cluster_cannot_offer_fail_after_a_bounded_wait(
     ray_cluster: Any, tiny_synth: Path, tmp_path: Path
 ) -> None:
-    """GPUs asked of a CPU-only cluster, or more CPUs per worker than any node has: one `error:` line naming
-    the resources after CDSP_RESOURCE_WAIT, instead of a run that waits for ever."""
-    for overrides, missing in (({"resources__use_gpu": True}, "1 GPU"), ({"resources__cpus_per_worker": 64}, "64 CPU")):
+    """GPUs asked of a CPU-only cluster, more CPUs per worker than any node has, or two workers on two
+    nodes of a one-node cluster: one `error:` line naming the resources after CDSP_RESOURCE_WAIT, instead
+    of a run that waits for ever (or a worker group that never starts)."""
+    for overrides, missing in (
+        ({"resources__use_gpu": True}, "1 GPU"),
+        ({"resources__cpus_per_worker": 64}, "64 CPU"),
+        ({"resources__placement": "strict_spread", "resources__cpus_per_worker": 1}, "strict_spread"),
+    ):
         path = tmp_path / "spec.yaml"
         path.write_text(tiny_spec(tiny_synth, **overrides).to_yaml())
         start = time.perf_counter()
