@@ -251,16 +251,17 @@ class Reconciler:
             self._folder_errors[exp.id] = snap.errors
         with self.sessions.begin() as s:
             count = store.sync_metric_rows(s, exp.id, snap.rows, exp.metrics_count)
-            store.update_fields(
-                s,
-                exp.id,
-                metrics_count=count,
-                epochs_done=snap.epochs_done,
-                stage=snap.stage,
-                latest_metrics=snap.latest,
-                checkpoints=snap.checkpoints,
-                trials=snap.trials,
-            )
+            fields: dict[str, Any] = {
+                "metrics_count": count,
+                "epochs_done": snap.epochs_done,
+                "stage": snap.stage,
+                "latest_metrics": snap.latest,
+                "checkpoints": snap.checkpoints,
+                "trials": snap.trials,
+            }
+            if runs.TRIALS in snap.unreadable:  # caught mid-write: keep the stored trials, not blank them
+                del fields["trials"]
+            store.update_fields(s, exp.id, **fields)
         exp.metrics_count = count
         return snap
 

@@ -56,6 +56,8 @@ class Snapshot:
     trials: list[dict[str, Any]] | None
     result: dict[str, Any] | None
     errors: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
+    """Files that did not parse this time (being written, or corrupt): their stored copy is kept."""
 
 
 def read(run_dir: str, spec: ExperimentSpec) -> Snapshot:
@@ -66,24 +68,27 @@ def read(run_dir: str, spec: ExperimentSpec) -> Snapshot:
     and named in `errors`.
     """
     errors: list[str] = []
+    unreadable: list[str] = []
     rows = [finite(r) for r in runs.read_jsonl(runs.join(run_dir, runs.METRICS)) if isinstance(r, dict)]
     done, stage = epochs_done(spec, rows)
-    trials = _json(run_dir, runs.TRIALS, list, errors)
+    trials = _json(run_dir, runs.TRIALS, list, errors, unreadable)
     if trials is not None and not all(isinstance(t, dict) for t in trials):
         errors.append(f"{runs.TRIALS}: every entry must be an object; the file is ignored")
         trials = None
-    result = _json(run_dir, runs.RESULT, dict, errors)
+    result = _json(run_dir, runs.RESULT, dict, errors, unreadable)
     if result is not None and not isinstance(result.get("checkpoint", ""), str | None):
         errors.append(f"{runs.RESULT}: 'checkpoint' must be a path; the file is ignored")
         result = None
-    return Snapshot(rows, done, stage, latest_metrics(rows), checkpoints(run_dir), trials, result, errors)
+    latest = latest_metrics(rows)
+    return Snapshot(rows, done, stage, latest, checkpoints(run_dir), trials, result, errors, unreadable)
 
 
-def _json(run_dir: str, name: str, kind: type, errors: list[str]) -> Any:
+def _json(run_dir: str, name: str, kind: type, errors: list[str], unreadable: list[str]) -> Any:
     try:
         value = runs.read_json(runs.join(run_dir, name))
-    except ValueError as exc:  # being written, or corrupt: try again next pass
+    except ValueError as exc:  # being written (S3 writes are not atomic), or corrupt: try again next pass
         errors.append(f"{name}: {exc}")
+        unreadable.append(name)
         return None
     if value is not None and not isinstance(value, kind):
         errors.append(f"{name}: expected a JSON {'list' if kind is list else 'object'}; the file is ignored")

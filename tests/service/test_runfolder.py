@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -99,6 +100,37 @@ def test_trials_and_results_of_the_wrong_shape_are_ignored_and_named(tmp_path: P
     snap = runfolder.read(str(tmp_path), spec)
     assert snap.trials is None and snap.errors == ["trials.json: expected a JSON list; the file is ignored"]
     assert snap.result == {"checkpoint": "checkpoints/stage2-epoch001.pt", "miou": 50.0}
+
+
+def test_a_trials_file_caught_mid_write_keeps_the_stored_trials(make_settings: Any) -> None:
+    """S3 writes are not atomic: a pass that reads half a trials.json keeps the trials it stored
+    before (it blanked them until the next pass), and the next whole file replaces them."""
+    from fastapi.testclient import TestClient
+
+    from cdsp_core import runs
+    from service import store
+    from service.main import create_app
+    from service.reconciler import Reconciler
+    from tests.service.conftest import AUTH
+
+    app = create_app(make_settings())
+    with TestClient(app, headers=AUTH) as client:
+        exp = client.post("/v1/experiments", json={"spec": small_spec(epochs=1)}).json()
+        ctx = app.state.ctx
+        reconciler = Reconciler(ctx.settings, ctx.sessions, ctx.ray)
+        spec = validate_spec(exp["spec"])
+
+        def ingest(text: str) -> Any:
+            runs.write_text(runs.join(exp["run_dir"], runs.TRIALS), text)
+            with ctx.readers() as s:
+                reconciler.ingest(store.get(s, exp["id"]), spec)
+            with ctx.readers() as s:
+                return store.get(s, exp["id"]).trials
+
+        whole = [{"trial": "trial_00000", "miou": 50.0, "status": "finished"}]
+        assert ingest(json.dumps(whole)) == whole
+        assert ingest(json.dumps(whole + whole)[:40]) == whole  # half written: kept
+        assert ingest("[]") == []  # a whole file, even an empty one, is stored
 
 
 def test_checkpoints_are_listed_by_stage_then_epoch(tmp_path: Path) -> None:
