@@ -224,6 +224,22 @@ def _search_figures(search_dir: str, entries: Sequence[dict[str, Any]], out: Pat
 
 # ---- the driver ---------------------------------------------------------------------------
 
+CONCURRENCY_ENV = "CDSP_SEARCH_CONCURRENCY"
+"""Set by `run_search` in the driver: the trials the cluster holds at once now (a resumed search's cap)."""
+
+
+class SearchVariants(BasicVariantGenerator):
+    """Tune's grid/random generator, except that a resumed search takes the trial cap its driver sets
+    now (CONCURRENCY_ENV) rather than the one saved when it started: a search resumed on a smaller
+    cluster would otherwise start trials the cluster cannot hold, each failing after its worker group
+    waits out the controller's retries."""
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        super().set_state(state)
+        now = os.environ.get(CONCURRENCY_ENV)
+        if now and now.isdigit() and int(now) > 0:
+            self.max_concurrent = int(now)
+
 
 def make_tuner(
     spec: ExperimentSpec,
@@ -233,7 +249,8 @@ def make_tuner(
     log: Callable[[str], None] = lambda line: None,
 ) -> tune.Tuner:
     """The search's Tuner, at most `concurrent` trials at a time (default `search.max_concurrent_trials`);
-    restored when the search folder holds one, with the settings it started with (Tune keeps them)."""
+    restored when the search folder holds one, with the settings it started with (Tune keeps them)
+    except the trial cap, which `run_search` sets for the cluster it resumes on (`SearchVariants`)."""
     search = spec.search
     assert search is not None
     trainable = tune.with_parameters(
@@ -245,7 +262,7 @@ def make_tuner(
     storage_path, filesystem = ray_storage(out)
     path = f"{storage_path.rstrip('/')}/tune"
     if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
-        log(f"search: resuming the search stored in {path}, with the trial concurrency it started with")
+        log(f"search: resuming the search stored in {path}")
         return tune.Tuner.restore(path, trainable, resume_errored=True, storage_filesystem=filesystem)
     scheduler = None
     if search.scheduler == "asha":
@@ -263,9 +280,8 @@ def make_tuner(
         tune_config=tune.TuneConfig(
             metric=search.metric, mode=search.mode, num_samples=search.num_samples, scheduler=scheduler,
             # Random draws follow the spec's seed: the same spec samples the same trials.
-            search_alg=BasicVariantGenerator(
-                max_concurrent=concurrent or search.max_concurrent_trials, random_state=spec.seed
-            ),
+            search_alg=SearchVariants(max_concurrent=concurrent or search.max_concurrent_trials,
+                                      random_state=spec.seed),
             trial_name_creator=trial_name, trial_dirname_creator=trial_name,
         ),
         run_config=tune.RunConfig(
@@ -323,7 +339,8 @@ def run_search(
     # Results without `miou` (epochs between evaluations, `stage2.eval_every`) are normal here.
     # Tune's own Ctrl-C handler would end the loop quietly and mark running trials terminated, which
     # would read as a finished search; without it, Ctrl-C interrupts, and a rerun resumes the search.
-    with env_vars({"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1", "TUNE_DISABLE_SIGINT_HANDLER": "1"}):
+    quiet = {"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1", "TUNE_DISABLE_SIGINT_HANDLER": "1"}
+    with env_vars({**quiet, CONCURRENCY_ENV: str(concurrent)}):  # the cap a resumed search takes
         tuner.fit()
     entries = runs.read_json(runs.join(out, runs.TRIALS)) or []  # written by SearchRecorder at the end
     unfinished = [e["trial"] for e in entries if e["status"] in ("pending", "running", "paused")]

@@ -164,6 +164,26 @@ def test_the_closing_report_adds_no_epoch_row(tmp_path: Path) -> None:
     assert [(r["epoch"], r["trial"]) for r in rows] == [(3, "trial_00000")]
 
 
+def test_a_resumed_search_takes_the_trial_cap_of_the_cluster_it_resumes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tune pickles the generator with the Tuner and restores its saved state on resume, cap included;
+    ours takes the cap the resuming driver sets (the cluster may have shrunk)."""
+    import pickle
+
+    from workers.search import CONCURRENCY_ENV, SearchVariants
+
+    started = SearchVariants(max_concurrent=4, random_state=0)
+    started.save_to_dir(str(tmp_path), "s1")
+    resumed = pickle.loads(pickle.dumps(started))  # what Tuner.restore unpickles
+    monkeypatch.setenv(CONCURRENCY_ENV, "1")
+    resumed.restore_from_dir(str(tmp_path))
+    assert resumed.max_concurrent == 1
+    monkeypatch.delenv(CONCURRENCY_ENV)
+    resumed.restore_from_dir(str(tmp_path))  # no driver setting: the saved cap
+    assert resumed.max_concurrent == 4
+
+
 def test_search_figures(tmp_path: Path) -> None:
     from PIL import Image
 
