@@ -31,37 +31,44 @@ from cdsp_core.spec import DataSpec
 
 
 def confusion(lay: Layout, folder: Path, k: int) -> np.ndarray:
-    """Rows: the true class; columns: the folder's label; pixels of the training split, ignore excluded."""
-    mat = np.zeros((k, k), np.int64)
+    """Rows: the true class; columns: the folder's label, and a last column for pixels it leaves
+    unlabelled (a miss, as in the project's ConfusionMatrix); pixels of the training split whose truth
+    is ignore are left out."""
+    mat = np.zeros((k, k + 1), np.int64)
     for sample_id in read_ids(lay.train_list):
         path = folder / f"{sample_id}.png"
         if not path.is_file():
             raise SystemExit(f"error: {folder}: no pseudo-label for training image {sample_id!r} ({path.name})")
         gt = read_label(lay.gt(sample_id), k)
         label = read_label(path, k, gt.shape)
-        valid = (gt < k) & (label < k)
-        mat += np.bincount(gt[valid].astype(int) * k + label[valid], minlength=k * k).reshape(k, k)
+        valid = gt < k
+        given = np.minimum(label[valid].astype(int), k)  # any label outside 0..k-1: no class
+        mat += np.bincount(gt[valid].astype(int) * (k + 1) + given, minlength=k * (k + 1)).reshape(k, k + 1)
     return mat
 
 
 def class_errors(mat: np.ndarray) -> dict[str, Any]:
-    """Per-class IoU, recall and precision (NaN where a class never occurs), their means, and the five
-    largest confusions as (truth, label, share of the true class's pixels)."""
+    """Per-class IoU, recall and precision (None where a class never occurs), mIoU, and the five largest
+    confusions by share of the true class's pixels, as (truth, label, share); label k is "no class". `mat` is
+    K x K, or K x (K + 1) with the unlabelled pixels last."""
     mat = mat.astype(float)
-    tp = np.diag(mat)
+    k = len(mat)
+    tp = np.diag(mat[:, :k])
     with np.errstate(invalid="ignore", divide="ignore"):
-        iou = tp / (mat.sum(0) + mat.sum(1) - tp)
-        recall, precision = tp / mat.sum(1), tp / mat.sum(0)
+        iou = tp / (mat[:, :k].sum(0) + mat.sum(1) - tp)
+        recall, precision = tp / mat.sum(1), tp / mat[:, :k].sum(0)
     off = mat.copy()
     np.fill_diagonal(off, 0)
-    top = [divmod(int(i), len(mat)) for i in np.argsort(-off.ravel(), kind="stable")[:5]]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.nan_to_num(off / mat.sum(1, keepdims=True))
+    top = [divmod(int(i), off.shape[1]) for i in np.argsort(-share.ravel(), kind="stable")[:5]]
     listed = lambda v: [None if np.isnan(x) else float(x) for x in v]  # noqa: E731 (JSON has no NaN)
     return {
-        "miou": float(np.nanmean(iou)),
+        "miou": float(np.nanmean(iou)) if not np.isnan(iou).all() else None,
         "iou": listed(iou),
         "recall": listed(recall),
         "precision": listed(precision),
-        "confusions": [(a, b, float(off[a, b] / mat[a].sum())) for a, b in top if off[a, b] > 0],
+        "confusions": [(a, b, float(share[a, b])) for a, b in top if off[a, b] > 0],
     }
 
 
@@ -71,8 +78,8 @@ def class_names(root: Path, k: int) -> list[str]:
     return list(names) if isinstance(names, list) and len(names) == k else [str(c) for c in range(k)]
 
 
-def pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.0f}"
+def pct(x: float | None, digits: int = 0) -> str:
+    return "-" if x is None else f"{100 * x:.{digits}f}"
 
 
 def main() -> None:
@@ -100,9 +107,10 @@ def main() -> None:
             [names[c], pct(errs["iou"][c]), pct(errs["recall"][c]), pct(errs["precision"][c])]
             for c in range(args.classes)
         ]
-        confused = ", ".join(f"{names[a]} -> {names[b]} {100 * s:.1f} %" for a, b, s in errs["confusions"])
+        named = [*names, "no class"]
+        confused = ", ".join(f"{named[a]} -> {named[b]} {100 * s:.1f} %" for a, b, s in errs["confusions"])
         blocks.append(
-            f"## {name}: mIoU {100 * errs['miou']:.1f}\n\nFolder: `{folder}`\n\n"
+            f"## {name}: mIoU {pct(errs['miou'], 1)}\n\nFolder: `{folder}`\n\n"
             + table(["class", "IoU %", "recall %", "precision %"], rows)
             + f"\nLargest confusions (truth -> label, share of the true class): {confused or 'none'}\n"
         )

@@ -25,7 +25,26 @@ def test_class_errors_by_hand():
     assert errs["iou"][:2] == pytest.approx([20 / 26, 6 / 12])
     assert errs["recall"][2] is None and errs["precision"][2] is None  # absent: no figure, not 0
     assert errs["miou"] == pytest.approx((20 / 26 + 6 / 12) / 2)
-    assert errs["confusions"] == [(0, 1, pytest.approx(4 / 24)), (1, 0, pytest.approx(2 / 8))]
+    # By share of the true class: a quarter of class 1 before a sixth of the background.
+    assert errs["confusions"] == [(1, 0, pytest.approx(2 / 8)), (0, 1, pytest.approx(4 / 24))]
+
+
+def test_unlabelled_pixels_are_misses_as_in_the_projects_metric():
+    """A K x (K + 1) matrix: the last column counts pixels a folder left without a class (255)."""
+    from cdsp_core.metrics import ConfusionMatrix
+
+    mat = np.array([[6, 0, 2], [1, 3, 0]])  # background: 2 of 8 unlabelled; class 1: 1 of 4 taken as background
+    errs = label_errors.class_errors(mat)
+    assert errs["recall"] == pytest.approx([6 / 8, 3 / 4]) and errs["precision"] == pytest.approx([6 / 7, 1.0])
+    assert errs["confusions"][0] == (0, 2, pytest.approx(2 / 8))  # truth 0 -> "no class"
+    import torch
+
+    gt = torch.tensor([0] * 8 + [1] * 4)
+    label = torch.tensor([0] * 6 + [255] * 2 + [0] + [1] * 3)
+    cm = ConfusionMatrix(2, torch.device("cpu"))
+    cm.update(label, gt)
+    assert 100 * errs["miou"] == pytest.approx(cm.miou())
+    assert label_errors.class_errors(np.zeros((2, 3)))["miou"] is None  # no pixel at all: no figure
 
 
 def test_the_truth_scores_100_and_the_trivial_label_less_with_names_and_files(tmp_path, monkeypatch, capsys):
