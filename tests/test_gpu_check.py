@@ -30,7 +30,7 @@ def test_the_gpu_check_dry_run_completes_on_cpu(tmp_path: Path) -> None:
         assert " | ok | " in rows[part], rows.get(part)
     assert "no CUDA device" in proc.stdout  # the skip reason is shown
     assert "skipped" in rows["cuda-tests"]
-    assert " of a 560 s budget" in summary
+    assert " of a 480 s budget" in summary
     for name in ("train_step-cpu.md", "lorm-cpu.md", "loader-cpu.md", "gpu-check-pipeline-result.json"):
         assert (tmp_path / "results" / name).is_file(), name
     assert "Where the time of 'ours' goes" in (tmp_path / "results" / "train_step-cpu.md").read_text()  # the profile
