@@ -6,7 +6,7 @@
 #
 #   bash scripts/gpu-check.sh              # on a CUDA machine
 #   bash scripts/gpu-check.sh --only train-step,lorm   # some parts (cuda-tests, train-step, lorm,
-#                                          # pipeline, loader), sharing the whole budget; the set-up always runs
+#                                          # memory, pipeline, loader), sharing the whole budget; the set-up always runs
 #   bash scripts/gpu-check.sh --dry-run    # anywhere (CI runs it): tiny sizes on CPU, CUDA parts
 #                                          # reported as skipped with the reason; results go to a
 #                                          # temporary folder (or $OUT), never over the committed ones
@@ -28,7 +28,7 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-PARTS="cuda-tests train-step lorm pipeline loader"
+PARTS="cuda-tests train-step lorm memory pipeline loader"
 for part in ${ONLY//,/ }; do
   [[ " $PARTS " == *" $part "* ]] || { echo "error: --only: no part named '$part' (parts: $PARTS)" >&2; exit 2; }
 done
@@ -118,12 +118,14 @@ export CDSP_CUDA_RAY_TIMEOUT=$((CDSP_CUDA_RAY_TIMEOUT < 60 ? 60 : CDSP_CUDA_RAY_
 step cuda-tests 180 60 "$PY" -m pytest -m cuda tests/cuda -q -rs -p no:cacheprovider
 
 # 3. Benchmarks: the training step (ours against the official-style step; bf16, channels_last, fused
-# LoRM, torch.compile), LoRM's time and memory. Both rewrite their result files after every
-# configuration, so a part cut off by its limit keeps what it measured.
+# LoRM, torch.compile), LoRM's time and memory (both rewrite their result files after every
+# configuration, so a part cut off by its limit keeps what it measured), and the memory of a step
+# per image (activations kept for the backward pass, the step's peak allocation: deploy sizing).
 if [ "$DRY" = 1 ]; then
   step train-step 300 30 "$PY" benchmarks/train_step.py --device cpu --backbone resnet18 --crop 65 --batch 2 \
     --warmup 1 --repeat 1
   step lorm 200 30 "$PY" benchmarks/lorm.py --device cpu --sizes 9 --channels 64 --batch 1 --repeat 1
+  step memory 120 20 "$PY" benchmarks/activation_memory.py --device cpu --backbone resnet18 --crop 65 --batch 2
 else
   # torch.compile (Inductor, Triton) builds its kernels' launchers with a C compiler and Python.h.
   COMPILE=--compile
@@ -134,6 +136,7 @@ else
   fi
   step train-step 200 90 "$PY" benchmarks/train_step.py $COMPILE --repeat 10 --profile 2 --child-timeout 170
   step lorm 90 45 "$PY" benchmarks/lorm.py --sizes 65 129 --channels 2048 --batch 16 --repeat 5 --timeout 60
+  step memory 60 20 "$PY" benchmarks/activation_memory.py --device cuda --batch 16
 fi
 
 # 4. A short pipeline (stage 1, pseudo-labels, stage 2, evaluation) through `cdsp run`.

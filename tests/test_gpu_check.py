@@ -26,12 +26,13 @@ def test_the_gpu_check_dry_run_completes_on_cpu(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     summary = (tmp_path / "results" / "gpu-check-none-dry-run.md").read_text()
     rows = {line.split(" | ")[0].strip("| "): line for line in summary.splitlines() if line.startswith("| ")}
-    for part in ("cuda-tests", "train-step", "lorm", "loader", "pipeline"):
+    for part in ("cuda-tests", "train-step", "lorm", "memory", "loader", "pipeline"):
         assert " | ok | " in rows[part], rows.get(part)
     assert "no CUDA device" in proc.stdout  # the skip reason is shown
     assert "skipped" in rows["cuda-tests"]
     assert " of a 480 s budget" in summary
-    for name in ("train_step-cpu.md", "lorm-cpu.md", "loader-cpu.md", "gpu-check-pipeline-result.json"):
+    for name in ("train_step-cpu.md", "lorm-cpu.md", "activation_memory-cpu.md", "loader-cpu.md",
+                 "gpu-check-pipeline-result.json"):  # fmt: skip
         assert (tmp_path / "results" / name).is_file(), name
     assert "Where the time of 'ours' goes" in (tmp_path / "results" / "train_step-cpu.md").read_text()  # the profile
     # What the device tool brings back (at most 8 files): the summary and one archive of results and logs.
@@ -54,7 +55,7 @@ def test_a_part_without_the_time_it_needs_is_skipped_and_says_how_to_rerun_it(tm
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and " | skipped | " in line]
     parts = {row.split(" | ")[0].strip("| ") for row in rows}
-    assert parts == {"setup", "cuda-tests", "train-step", "lorm", "pipeline", "loader"}, proc.stdout[-3000:]
+    assert parts == {"setup", "cuda-tests", "train-step", "lorm", "memory", "pipeline", "loader"}, proc.stdout[-3000:]
     assert all("out of time" in row for row in rows), rows
     assert any("rerun with --only lorm" in row for row in rows), rows
 
