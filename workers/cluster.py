@@ -154,11 +154,12 @@ def trainers_of(counts: list[int], num_workers: int, placement: str = "pack") ->
     if placement == "strict_pack":
         return sum(k // n for k in counts)
     if placement == "strict_spread":  # T trainers need n distinct nodes each; a node serves each at most once
-        best = 0
-        for t in range(1, sum(counts) // n + 1):
-            if sum(min(k, t) for k in counts) >= n * t:
-                best = t
-        return best
+        # Feasible T form a prefix (sum(min(k, T)) - n T is concave and 0 at T = 0): the largest, by bisection.
+        low, high = 0, sum(counts) // n
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if sum(min(k, mid) for k in counts) >= n * mid else (low, mid - 1)
+        return low
     return sum(counts) // n
 
 

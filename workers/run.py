@@ -90,7 +90,10 @@ def execute(spec: ExperimentSpec, out: str, address: str | None, num_cpus: int |
         if spec.kind == "search":
             from workers.search import largest_trial, run_search
 
-            # The search's largest trial must fit, not only the spec's own resources.
+            # Stage 1 (unless the pseudo-labels are given) runs with the spec's own resources, then the
+            # trials: the search's largest one must fit too.
+            if spec.data.pseudo_label_dir is None:
+                wait_for_resources(res.num_workers, res.cpus_per_worker, res.use_gpu, placement=res.placement)
             wait_for_resources(*largest_trial(spec), placement=res.placement)
             return run_search(spec, out, log=lambda s: print(s, flush=True))
         wait_for_resources(res.num_workers, res.cpus_per_worker, res.use_gpu, placement=res.placement)

@@ -12,6 +12,7 @@ its metrics.jsonl.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -67,19 +68,69 @@ def trial_name(trial: Trial) -> str:
     return f"trial_{index}" if index.isdigit() else f"trial_{trial.trial_id}"
 
 
+class TrialSlots:
+    """The search's trial cap, as a Ray actor its driver holds (`SLOTS_ENV` names it): a trial takes a
+    slot before its workers start and gives it back when it ends. Tune's own cap only limits the trials
+    it creates: a resumed search restarts every trial that was running, whatever the cluster holds now."""
+
+    def __init__(self, size: int):
+        self.size = max(1, size)
+        self.held: set[str] = set()
+
+    def take(self, trial: str) -> bool:
+        """True when `trial` holds a slot (again, after a restart of its process)."""
+        if trial in self.held or len(self.held) < self.size:
+            self.held.add(trial)
+            return True
+        return False
+
+    def give(self, trial: str) -> None:
+        self.held.discard(trial)
+
+
+SLOTS_ENV = "CDSP_SEARCH_SLOTS"
+SLOT_POLL_S = 2.0
+
+
+def give_slot(trial: str) -> None:
+    """Driver side: free a trial's slot (its process may have been killed before it could)."""
+    name = os.environ.get(SLOTS_ENV)
+    if name:
+        import ray
+
+        with contextlib.suppress(ValueError):  # ValueError: the actor is gone with a search that ended
+            ray.get_actor(name).give.remote(trial)
+
+
 def run_trial(
-    config: dict[str, Any], base: dict[str, Any], search_dir: str, labels: PseudoLabels, env: dict[str, str]
+    config: dict[str, Any],
+    base: dict[str, Any],
+    search_dir: str,
+    labels: PseudoLabels,
+    env: dict[str, str],
+    slots: str | None = None,
 ) -> None:
     """One Tune trial: the pipeline's stage 2 into `trials/<trial>/` on the search's pseudo-labels,
-    every epoch reported to Tune."""
+    every epoch reported to Tune; with `slots` (a TrialSlots actor's name), once a slot is free."""
     os.environ.update(env)
     name = tune.get_context().get_trial_name()
     run = runs.join(search_dir, TRIALS_DIR, name)
     spec = trial_spec(ExperimentSpec.model_validate(base), config, name)
     done = runs.finished_result(spec, run)
     if done is None:
-        launch = RayLauncher([TuneReportCallback()], lines=None)
-        done = run_pipeline(spec, run, launch, labels=labels, trial=name, params=config)
+        holder = None
+        if slots:
+            import ray
+
+            holder = ray.get_actor(slots)
+            while not ray.get(holder.take.remote(name)):
+                time.sleep(SLOT_POLL_S)
+        try:
+            launch = RayLauncher([TuneReportCallback()], lines=None)
+            done = run_pipeline(spec, run, launch, labels=labels, trial=name, params=config)
+        finally:
+            if holder is not None:
+                holder.give.remote(name)
     # The final figure once more, marked: Tune's last result is then the trial's evaluation even when
     # no epoch was reported in this attempt (finished before the search was interrupted, or resumed
     # from a checkpoint of the last epoch whose report was lost with the process that saved it).
@@ -125,7 +176,10 @@ def trial_entry(trial: Trial, search_dir: str, epochs: int) -> dict[str, Any]:
         "epoch": trial.last_result.get("epoch"),
         "checkpoint": f"{TRIALS_DIR}/{name}/{runs.CHECKPOINTS}/{saved[-1]}" if saved else None,
     }
-    result = runs.read_json(runs.join(run, runs.RESULT))
+    try:
+        result = runs.read_json(runs.join(run, runs.RESULT))
+    except ValueError:  # cut short or corrupt: Tune's view stands (this runs in Tune's callbacks)
+        result = None
     if isinstance(result, dict) and finite(result.get("miou")) is not None:
         own_epochs = int(trial.config.get("stage2.epochs", epochs))
         entry.update(miou=finite(result["miou"]), status="finished", epoch=own_epochs)
@@ -161,9 +215,11 @@ class SearchRecorder(tune.Callback):
         return entries
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        give_slot(str(trial))
         self.write(trials)
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        give_slot(str(trial))
         self.write(trials)
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
@@ -247,6 +303,7 @@ def make_tuner(
     labels: PseudoLabels,
     concurrent: int | None = None,
     log: Callable[[str], None] = lambda line: None,
+    slots: str | None = None,
 ) -> tune.Tuner:
     """The search's Tuner, at most `concurrent` trials at a time (default `search.max_concurrent_trials`);
     restored when the search folder holds one, with the settings it started with (Tune keeps them)
@@ -254,7 +311,12 @@ def make_tuner(
     search = spec.search
     assert search is not None
     trainable = tune.with_parameters(
-        run_trial, base=worker_spec(spec).model_dump(mode="json"), search_dir=out, labels=labels, env=job_env()
+        run_trial,
+        base=worker_spec(spec).model_dump(mode="json"),
+        search_dir=out,
+        labels=labels,
+        env=job_env(),
+        slots=slots,
     )
     # The trial process only builds and waits on its TorchTrainer: no CPU, so that its workers fit
     # (Tune refuses an empty request; a little memory, which every node has, makes it non-empty).
@@ -266,12 +328,11 @@ def make_tuner(
         return tune.Tuner.restore(path, trainable, resume_errored=True, storage_filesystem=filesystem)
     scheduler = None
     if search.scheduler == "asha":
-        scheduler = ASHAScheduler(
+        scheduler = LastEpochKept(
             time_attr="epoch",
             max_t=spec.stage2.epochs,
             grace_period=min(search.grace_period, spec.stage2.epochs),
-            # Trials that reach the last epoch end by themselves: stopping them at their last report
-            # would cut off their evaluation summary (result.json) and figures.
+            # Trials that reach the last epoch end by themselves (LastEpochKept).
             stop_last_trials=False,
         )
     return tune.Tuner(
@@ -289,6 +350,18 @@ def make_tuner(
             callbacks=[SearchRecorder(out, spec.stage2.epochs)],
         ),
     )  # fmt: skip
+
+
+class LastEpochKept(ASHAScheduler):
+    """ASHA that never stops a trial at its last epoch: stopping it at that report would cut off its
+    evaluation summary (result.json) and figures, and the last epoch is a rung of its own whenever
+    epochs / grace_period is a power of the reduction factor (16 epochs, grace 1: rungs 16, 4, 1),
+    which `stop_last_trials=False` alone does not prevent."""
+
+    def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict) -> str:
+        if isinstance(result.get(self._time_attr), int | float) and result[self._time_attr] >= self._max_t:
+            return self.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
 
 
 def largest_trial(spec: ExperimentSpec) -> tuple[int, float, bool]:
@@ -335,13 +408,20 @@ def run_search(
         log(f"search: the cluster holds {concurrent} trial(s) of {workers} worker(s) at once, "
             f"so {concurrent} run at a time, not search.max_concurrent_trials={wanted}")  # fmt: skip
     log(f"search: {concurrent} concurrent trial(s) over {sorted(spec.search.space)}")
-    tuner = make_tuner(spec, out, labels, concurrent, log)
+    import ray
+
+    slots = f"cdsp-search-slots-{os.getpid()}-{time.time_ns()}"  # held by this driver, gone with it
+    holder: Any = ray.remote(num_cpus=0)(TrialSlots).options(name=slots).remote(concurrent)
+    tuner = make_tuner(spec, out, labels, concurrent, log, slots)
     # Results without `miou` (epochs between evaluations, `stage2.eval_every`) are normal here.
     # Tune's own Ctrl-C handler would end the loop quietly and mark running trials terminated, which
     # would read as a finished search; without it, Ctrl-C interrupts, and a rerun resumes the search.
     quiet = {"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1", "TUNE_DISABLE_SIGINT_HANDLER": "1"}
-    with env_vars({**quiet, CONCURRENCY_ENV: str(concurrent)}):  # the cap a resumed search takes
-        tuner.fit()
+    try:
+        with env_vars({**quiet, CONCURRENCY_ENV: str(concurrent), SLOTS_ENV: slots}):  # a resumed search's cap
+            tuner.fit()
+    finally:
+        ray.kill(holder)
     entries = runs.read_json(runs.join(out, runs.TRIALS)) or []  # written by SearchRecorder at the end
     unfinished = [e["trial"] for e in entries if e["status"] in ("pending", "running", "paused")]
     if unfinished:

@@ -104,3 +104,7 @@ def test_trainers_side_by_side_by_placement() -> None:
     assert trainers_of([5, 1, 1], 2, "strict_spread") == 2
     assert trainers_of([1], 2, "strict_spread") == 0
     assert trainers_of([0, 0], 1, "pack") == 0
+    # One trainer per node at most once each: 64 nodes of 10**6 slots, trainers of 8 -> 64 * 10**6 // 8,
+    # bounded by slots; found by bisection, not by trying every count.
+    assert trainers_of([10**6] * 64, 8, "strict_spread") == 8 * 10**6
+    assert trainers_of([3, 3, 3, 1], 3, "strict_spread") == 3

@@ -151,6 +151,54 @@ def test_a_trial_folder_with_a_result_is_a_finished_trial_whatever_tune_last_hea
     assert (stopped["status"], stopped["miou"], stopped["epoch"]) == ("stopped", 30.0, 1)
 
 
+def test_a_corrupt_trial_result_leaves_tunes_view(tmp_path: Path) -> None:
+    """trial_entry runs in Tune's callbacks: a cut-short result.json must not end the search."""
+    from ray.tune.experiment import Trial
+
+    from workers.search import TRIALS_DIR, trial_entry
+
+    trial = _stub_trial(4, {}, Trial.TERMINATED, {"stage": "stage2", "epoch": 3, "miou": 44.0})
+    (tmp_path / TRIALS_DIR / str(trial)).mkdir(parents=True)
+    (tmp_path / TRIALS_DIR / str(trial) / runs.RESULT).write_text('{"miou": 5')
+    entry = trial_entry(trial, str(tmp_path), 3)
+    assert (entry["status"], entry["miou"]) == ("finished", 44.0)
+
+
+def test_trial_slots_cap_the_trials_that_run_and_a_restarted_trial_keeps_its_own() -> None:
+    from workers.search import TrialSlots
+
+    slots = TrialSlots(2)
+    assert slots.take("trial_00000") and slots.take("trial_00001")
+    assert not slots.take("trial_00002")  # a third waits (a resumed search restarts all it had)
+    assert slots.take("trial_00001")  # its process restarted: the slot it holds
+    slots.give("trial_00000")
+    assert slots.take("trial_00002") and not slots.take("trial_00003")
+    slots.give("trial_00009")  # never held: nothing happens
+    assert slots.held == {"trial_00001", "trial_00002"}
+    assert TrialSlots(0).take("a")  # at least one
+
+
+def test_asha_never_stops_a_trial_at_its_last_epoch() -> None:
+    """With 4 epochs, grace 1 and reduction factor 4 the last epoch is a rung: plain ASHA stops a trial
+    below the others' there, before its result.json is written; ours lets it finish."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from workers.search import LastEpochKept
+
+    def decisions(kind: type) -> list[str]:
+        scheduler = kind(time_attr="epoch", max_t=4, grace_period=1, stop_last_trials=False, metric="miou", mode="max")
+        out = []
+        for i, miou in enumerate((60.0, 50.0, 40.0, 30.0)):  # each worse than those before
+            trial = _stub_trial(10 + i, {}, Trial.RUNNING, {})
+            scheduler.on_trial_add(None, trial)
+            out.append(scheduler.on_trial_result(None, trial, {"epoch": 4, "miou": miou}))
+        return out
+
+    assert TrialScheduler.STOP in decisions(ASHAScheduler)  # what the test guards against
+    assert decisions(LastEpochKept) == [TrialScheduler.CONTINUE] * 4
+
+
 def test_the_closing_report_adds_no_epoch_row(tmp_path: Path) -> None:
     from ray.tune.experiment import Trial
 
