@@ -64,6 +64,59 @@ def test_grid_search_2x2(ray_cluster: Any, tiny_synth: Path, tmp_path: Path) -> 
     assert {"lambda_heatmap.png", "trials.png"} <= {p.name for p in (out / "figures").iterdir()}
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_an_interrupted_search_resumes_its_trials_where_they_stopped(
+    ray_cluster: Any, tiny_synth: Path, tmp_path: Path
+) -> None:
+    """The driver stopped (SIGTERM, as Ray's job supervisor and the service's cancel stop it) while its
+    trials train; run again on the folder, Tune's saved search is restored: stage 1 is not run again,
+    every trial finishes from its own checkpoint, and each epoch is logged once, in the trial's folder
+    and in the search's."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.workers.helpers import REPO
+
+    epochs = 6
+    spec = tiny_spec(
+        tiny_synth, kind="search", stage2__epochs=epochs, resources__num_workers=1, search__max_concurrent_trials=2,
+        search__space={"stage2.lambda_s": {"grid": [0.0, 1.0]}},
+    )  # fmt: skip
+    path, out = tmp_path / "spec.yaml", tmp_path / "search"
+    path.write_text(spec.to_yaml())
+    entry = [sys.executable, "-m", "workers.run"]
+    args = [*entry, "--spec", str(path), "--out", str(out), "--address", ray_cluster.address]
+    first = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(out.glob("trials/*/checkpoints/stage2-epoch002.pt")):
+            assert first.poll() is None and time.monotonic() < deadline, "no trial reached epoch 2"
+            time.sleep(0.5)
+        first.send_signal(signal.SIGTERM)
+        before, _ = first.communicate(timeout=120)
+    finally:
+        first.kill()
+    assert first.returncode != 0 and not (out / runs.RESULT).exists(), before[-3000:]
+
+    proc = run_entrypoint(["--spec", str(path), "--out", str(out), "--address", ray_cluster.address], timeout=400)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "search: resuming the search stored in" in proc.stdout, proc.stdout[-3000:]
+    rows = runs.read_jsonl(str(out / runs.METRICS))
+    assert [r["stage"] for r in rows].count("stage1") == 1  # the pseudo-labels were reused
+    trials = json.loads((out / runs.TRIALS).read_text())
+    assert len(trials) == 2 and all(t["status"] == "finished" and t["epoch"] == epochs for t in trials), trials
+    for t in trials:
+        own = [r["epoch"] for r in runs.read_jsonl(str(out / "trials" / t["trial"] / runs.METRICS))
+               if r.get("stage") == "stage2"]  # fmt: skip
+        assert own == list(range(1, epochs + 1)), (t["trial"], own)
+        mirrored = [r["epoch"] for r in rows if r.get("trial") == t["trial"]]
+        assert len(mirrored) == len(set(mirrored)), (t["trial"], mirrored)  # no epoch twice
+        assert t["miou"] == json.loads((out / "trials" / t["trial"] / runs.RESULT).read_text())["miou"]
+
+
 def _entry(name: str, miou: float | None, status: str = "finished", **params: float) -> dict[str, Any]:
     return {"trial": name, "params": params, "miou": miou, "status": status, "checkpoint": None}
 
