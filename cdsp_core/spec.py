@@ -8,7 +8,9 @@ every worker. Keys are addressed by dotted paths (`stage2.lambda_s`), which is a
 from __future__ import annotations
 
 import copy
+import itertools
 import math
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import UnionType
@@ -47,8 +49,17 @@ __all__ = [
     "LOSS_TERMS", "MAX_BATCH", "MAX_CPUS", "MAX_CROP", "MAX_EPOCHS", "MAX_LR", "MAX_SEED", "MAX_WEIGHT", "MAX_WORKERS",
     "PSEUDO_TERMS", "Backbone", "DataSpec", "Domain", "ExperimentSpec", "Kind", "LossSwitches", "LossWeights",
     "ResourcesSpec", "Scale", "SearchSpec", "SpecError", "Stage1Spec", "Stage2Spec", "feature_size", "flatten",
-    "grid_size", "load_spec", "parse_override", "spec_keys", "validate_spec",
+    "grid_size", "load_spec", "located", "parse_override", "spec_keys", "validate_spec",
 ]  # fmt: skip
+
+
+# Data keys a search cannot vary: its trials share one dataset and one set of pseudo-labels.
+SHARED_DATA_KEYS = (
+    "data.root", "data.num_classes", "data.image_dir", "data.scribble_dir", "data.gt_dir", "data.train_list",
+    "data.val_list", "data.pseudo_label_dir", "data.distance_map_dir",
+)  # fmt: skip
+MAX_CHECKED_POINTS = 256
+"""Grid combinations checked at validation; beyond it, each grid value on its own."""
 
 
 class Domain(_Section):
@@ -113,8 +124,39 @@ class SearchSpec(_Section):
         for key in v:
             if key.split(".")[0] in ("search", "kind", "name"):
                 raise ValueError(f"{key!r} cannot be searched over")
+            if key in SHARED_DATA_KEYS:
+                raise ValueError(
+                    f"{key!r} cannot be searched over: every trial of a search shares one dataset and its "
+                    "pseudo-labels; run one experiment per dataset or label folder"
+                )
             _check_key(key)
         return v
+
+    def points(self, limit: int = MAX_CHECKED_POINTS) -> list[dict[str, Any]]:
+        """Trial values to check a spec with before anything runs: the grid's combinations (each grid
+        value once, beside the other dimensions' first, when there are more than `limit`), and each
+        other domain's choices or bounds (randint's largest value is high - 1) beside the grids' first."""
+        grids = {k: d.grid for k, d in self.space.items() if d.grid is not None}
+        first = {k: g[0] for k, g in grids.items()}
+        points: list[dict[str, Any]] = []
+        if math.prod(len(g) for g in grids.values()) <= limit:
+            points += [dict(zip(grids, combo, strict=True)) for combo in itertools.product(*grids.values())]
+        else:
+            points += [{**first, k: v} for k, g in grids.items() for v in g]
+        for key, d in self.space.items():
+            if d.grid is not None:
+                continue
+            if d.choice is not None:
+                values = list(d.choice)
+            elif d.randint is not None:
+                values = [d.randint[0], d.randint[1] - 1]
+            elif d.uniform is not None:  # the bounds, and a value between them (a float for an int field?)
+                values = [d.uniform[0], (d.uniform[0] + d.uniform[1]) / 2, d.uniform[1]]
+            else:
+                assert d.loguniform is not None
+                values = [d.loguniform[0], math.sqrt(d.loguniform[0] * d.loguniform[1]), d.loguniform[1]]
+            points += [{**first, key: v} for v in values]
+        return points
 
 
 class ExperimentSpec(_Section):
@@ -178,7 +220,28 @@ class ExperimentSpec(_Section):
             )
         if s2.sync_batchnorm and not self.resources.use_gpu:
             raise ValueError("stage2.sync_batchnorm needs resources.use_gpu: SyncBatchNorm runs on CUDA only")
+        if self.kind == "search" and self.search is not None:
+            self._check_trials(self.search)
         return self
+
+    def _check_trials(self, search: SearchSpec) -> None:
+        """Each trial a search can make must be a valid run, checked now rather than after stage 1 has
+        trained: the space's values against their fields and the rules across fields."""
+        base = self.model_dump(mode="python")
+        base.update(kind="pipeline", search=None)
+        for point in search.points():
+            data = copy.deepcopy(base)
+            try:
+                for key, value in point.items():
+                    _set_dotted(data, key, value)
+                ExperimentSpec.model_validate(data)
+            except ValidationError as exc:
+                where, msg = located(exc.errors()[0])
+                trial = ", ".join(f"{k}={v!r}" for k, v in point.items())
+                said = msg if msg.startswith(where) else f"{where}: {msg}"
+                raise ValueError(f"search.space: the trial {trial} is not valid: {said}") from None
+            except ValueError as exc:
+                raise ValueError(f"search.space: {exc}") from None
 
     # ---- helpers -------------------------------------------------------------------------
     @property
@@ -290,11 +353,20 @@ def validate_spec(data: Mapping[str, Any]) -> ExperimentSpec:
     try:
         return ExperimentSpec.model_validate(data)
     except ValidationError as exc:
-        errors = []
-        for err in exc.errors():
-            path = ".".join(str(p) for p in err["loc"])
-            errors.append((path, err["msg"]))
-        raise SpecError(errors) from None
+        raise SpecError([located(err) for err in exc.errors()]) from None
+
+
+def located(err: Any) -> tuple[str, str]:
+    """(field path, message) of a pydantic error; a rule across fields (no location of its own) is
+    filed under the key its message starts with (`search.space: ...`, `stage1.batch_size=16 ...`)."""
+    path, msg = ".".join(str(p) for p in err["loc"]), str(err["msg"])
+    if path:
+        return path, msg
+    msg = msg.removeprefix("Value error, ")
+    m = re.match(r"([a-z0-9_]+(?:\.[a-z0-9_]+)+)(: |=| )", msg)
+    if m is None:
+        return "", msg
+    return m.group(1), msg[m.end() :] if m.group(2) == ": " else msg
 
 
 def yaml_problem(exc: yaml.YAMLError) -> str:

@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cdsp_core.spec import located
 from service.ray_jobs import RayUnavailable
 from service.states import IllegalTransition
 from service.store import NotFound
@@ -61,6 +62,9 @@ def install(app: FastAPI, pages: tuple[str, HtmlPage] | None = None) -> None:
         for err in exc.errors():
             entry = {k: err[k] for k in ("loc", "msg", "type") if k in err}
             entry["field"] = field_path(err.get("loc", ()))
+            if entry["field"] == "spec":  # a rule across fields: filed under the key it names
+                field, msg = located({"loc": (), "msg": err.get("msg", "")})
+                entry.update(field=field or "spec", msg=msg)
             errors.append(entry)
         return answer(request, 422, {"detail": errors})
 

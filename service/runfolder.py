@@ -24,8 +24,25 @@ def total_epochs(spec: ExperimentSpec) -> int:
     if spec.kind in ("pipeline", "stage2"):
         total += spec.stage2.epochs
     elif spec.kind == "search" and spec.search is not None:
-        total += spec.stage2.epochs * grid_size(spec.search)
+        total += trial_epochs(spec)
     return total
+
+
+def trial_epochs(spec: ExperimentSpec) -> int:
+    """Stage-2 epochs summed over a search's trials: the grid's own when the space sets
+    `stage2.epochs` on a grid, its largest value for a random domain (an upper bound)."""
+    assert spec.search is not None
+    trials = grid_size(spec.search)
+    domain = spec.search.space.get("stage2.epochs")
+    if domain is None:
+        return spec.stage2.epochs * trials
+    if domain.grid is not None:
+        return sum(int(v) for v in domain.grid) * (trials // len(domain.grid))
+    if domain.choice is not None:
+        return max(int(v) for v in domain.choice) * trials
+    if domain.randint is not None:
+        return (domain.randint[1] - 1) * trials
+    return int((domain.uniform or domain.loguniform or (0, spec.stage2.epochs))[1]) * trials
 
 
 def epochs_done(spec: ExperimentSpec, rows: list[dict[str, Any]]) -> tuple[int, str | None]:

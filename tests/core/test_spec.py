@@ -215,7 +215,7 @@ def test_all_losses_off_is_rejected():
     "domain",
     [
         {"grid": [1, 2]},
-        {"choice": ["deeplabv2", "deeplabv3plus"]},
+        {"choice": [0.5, 2.5]},
         {"uniform": [0.0, 3.0]},
         {"loguniform": [1e-4, 1e-2]},
         {"randint": [1, 5]},
@@ -259,6 +259,59 @@ def test_bad_space_keys_are_rejected_with_search_space_in_the_path(key, domain, 
     assert len(errors) == 1 and errors[0][0].startswith("search.space")
     for word in words:
         assert word in errors[0][1]
+
+
+@pytest.mark.parametrize(
+    ("space", "words"),
+    [
+        ({"stage2.lr": {"grid": [0.1, -1]}}, ["stage2.lr=-1", "stage2.lr: Input should be greater than 0"]),
+        ({"stage2.amp": {"choice": ["maybe"]}}, ["stage2.amp='maybe'", "valid boolean"]),
+        ({"stage2.epochs": {"uniform": [1, 10]}}, ["stage2.epochs=5.5", "fractional part"]),  # drawn floats
+        ({"resources.num_workers": {"grid": [1, 3]}}, ["resources.num_workers=3", "batch_size=4 is not divisible"]),
+        ({"stage2.loss_weights.segs": {"grid": [0.0]}, "stage2.losses.segc": {"grid": [False]},
+          "stage2.losses.ds": {"grid": [False]}, "stage2.losses.dc": {"grid": [False]},
+          "stage2.losses.lorm": {"grid": [False]}}, ["every term is off"]),
+    ],
+)  # fmt: skip
+def test_every_trial_a_space_can_make_is_checked_before_anything_runs(space, words):
+    """A value a trial would fail on is refused with the spec, naming the trial, not after stage 1 trained."""
+    base = {"kind": "search", "stage1": {"batch_size": 4}, "stage2": {"batch_size": 4}, "resources": {"num_workers": 1}}
+    errors = errors_of({**base, "search": {"space": space}})
+    assert [p for p, _ in errors] == ["search.space"], errors
+    for word in words:
+        assert word in errors[0][1], errors
+
+
+@pytest.mark.parametrize("key", ["data.root", "data.pseudo_label_dir", "data.distance_map_dir", "data.num_classes"])
+def test_the_dataset_and_its_labels_cannot_be_searched_over(key):
+    """Every trial shares one dataset and one set of pseudo-labels (a search over data.root also
+    slipped past the service's dataset roots)."""
+    errors = errors_of({"kind": "search", "search": {"space": {key: {"grid": ["/etc"] if "num" not in key else [3]}}}})
+    assert len(errors) == 1 and errors[0][0].startswith("search.space") and "cannot be searched" in errors[0][1]
+
+
+def test_the_points_checked_cover_the_grid_and_the_bounds():
+    from cdsp_core.spec import SearchSpec
+
+    space = SearchSpec.model_validate(
+        {"space": {"stage2.lambda_s": {"grid": [0, 1]}, "stage2.lambda_c": {"grid": [6, 7]},
+                   "resources.num_workers": {"randint": [1, 3]}, "stage2.lr": {"loguniform": [0.001, 0.1]}}}
+    )  # fmt: skip
+    points = space.points()
+    assert points[:4] == [
+        {"stage2.lambda_s": 0, "stage2.lambda_c": 6}, {"stage2.lambda_s": 0, "stage2.lambda_c": 7},
+        {"stage2.lambda_s": 1, "stage2.lambda_c": 6}, {"stage2.lambda_s": 1, "stage2.lambda_c": 7},
+    ]  # fmt: skip
+    first = {"stage2.lambda_s": 0, "stage2.lambda_c": 6}
+    assert points[4:6] == [{**first, "resources.num_workers": 1}, {**first, "resources.num_workers": 2}]
+    assert [p["stage2.lr"] for p in points[6:]] == pytest.approx([0.001, 0.01, 0.1])
+    # Past the limit, each grid value once beside the others' first: 2 + 2 instead of 4 combinations.
+    assert len(space.points(limit=3)) == 4 + 2 + 3
+
+
+def test_a_rule_across_fields_is_filed_under_the_key_it_names():
+    errors = errors_of({"resources": {"num_workers": 3}, "stage1": {"batch_size": 4}})
+    assert errors == [("stage1.batch_size", "stage1.batch_size=4 is not divisible by resources.num_workers=3")]
 
 
 def test_domain_values_and_grid_size():

@@ -85,7 +85,9 @@ def test_spec_errors_answer_422_with_field_paths(client: TestClient) -> None:
     spec["resources"] = {"num_workers": 3}  # batch 4 is not divisible by 3: a whole-spec error
     r = client.post("/v1/experiments", json={"spec": spec})
     assert r.status_code == 422
-    assert "not divisible by resources.num_workers=3" in r.json()["detail"][0]["msg"]
+    detail = r.json()["detail"][0]
+    assert "not divisible by resources.num_workers=3" in detail["msg"] and not detail["msg"].startswith("Value error")
+    assert detail["field"] == "stage1.batch_size"  # filed under the key the rule names, not the whole spec
     assert client.post("/v1/experiments", json={"spec": small_spec(), "colour": 1}).status_code == 422
 
 

@@ -86,6 +86,23 @@ def test_read_a_run_folder(tmp_path: Path) -> None:
     assert snap.result is None and snap.errors and snap.errors[0].startswith("result.json")
 
 
+@pytest.mark.parametrize(
+    "epochs, total",
+    [
+        ({"grid": [2, 5]}, 3 + (2 + 5) * 3),  # 2 x 3 grid: each epochs value with each lambda_c
+        ({"choice": [2, 9]}, 3 + 9 * 3),  # random domains count their largest value (an upper bound)
+        ({"randint": [1, 10000]}, 3 + 9999 * 3),
+    ],
+)
+def test_a_searched_stage2_epochs_counts_in_the_total(epochs: dict[str, Any], total: int) -> None:
+    """The size limit counts the epochs a search's trials may run, not the base spec's (a randint over
+    epochs on a 1-epoch base slipped past MAX_TOTAL_EPOCHS)."""
+    raw = small_spec(kind="search")
+    raw["stage1"]["epochs"], raw["stage2"]["epochs"] = 3, 1
+    raw["search"]["space"] = {"stage2.epochs": epochs, "stage2.lambda_c": {"grid": [1.0, 2.0, 3.0]}}
+    assert runfolder.total_epochs(validate_spec(raw)) == total
+
+
 def test_trials_and_results_of_the_wrong_shape_are_ignored_and_named(tmp_path: Path) -> None:
     """The routes read trial entries as objects and result.json's checkpoint as a path: other shapes
     are left out with the file named, never stored for a route to fail on."""
