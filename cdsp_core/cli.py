@@ -165,13 +165,21 @@ def data_degrade(
     seed: Annotated[int, typer.Option(help="Random seed (with each image id).")] = 0,
     num_classes: Annotated[int, typer.Option(help="Classes including background.")] = 5,
     out: Annotated[str | None, typer.Option(help="Output folder name under the root.")] = None,
+    scribbles: Annotated[
+        bool,
+        typer.Option(
+            help="Classes named by the scribble and its pixels kept, as stage 1 does (the study's "
+            "labels); --no-scribbles: classes from the ground truth, no scribble pixel."
+        ),
+    ] = True,
 ) -> None:
     """Pseudo-labels of controlled quality: ground truth with CAM-like errors (for the Table 3 study)."""
     from cdsp_core.data.degrade import write_degraded
     from cdsp_core.spec import DataSpec
 
     try:
-        name, miou = write_degraded(DataSpec(root=str(root), num_classes=num_classes), level, seed, out)
+        data = DataSpec(root=str(root), num_classes=num_classes)
+        name, miou = write_degraded(data, level, seed, out, use_scribbles=scribbles)
     except (ValueError, OSError) as exc:  # DatasetError is a ValueError; a file where a folder goes...
         fail(str(exc))
     console.print(f"pseudo-labels at level {level:g}: {miou:.2f} mIoU against ground truth -> {root / name}")

@@ -60,14 +60,14 @@ def write_degraded(
     seed: int,
     out_dir_name: str | None = None,
     scribble_dir: Path | None = None,
-    use_scribbles: bool = False,
+    use_scribbles: bool = True,
 ) -> tuple[str, float]:
     """Degraded pseudo-labels of every training id under `root/<name>`; returns (name, mIoU in %).
 
-    By default they stand for an external image-level method's output (BMP, AFA, SEAM in the
-    paper): present classes from the ground truth, no scribble pixels. With `use_scribbles` they
-    imitate stage 1 instead: the scribble (`scribble_dir`, default the spec's) names the classes
-    and keeps its pixels.
+    By default (`use_scribbles`, what the synthetic study's "external" labels are) they imitate
+    stage 1's output: the scribble (`scribble_dir`, default the spec's) names the classes and keeps
+    its pixels. Without it they stand for an image-level method's raw output (BMP, AFA, SEAM in the
+    paper): the present classes from the ground truth, no scribble pixel pasted in.
     """
     import torch
 
@@ -80,9 +80,10 @@ def write_degraded(
 
     for sample_id in read_ids(lay.train_list):
         gt = read_label(lay.gt(sample_id), data.num_classes, what="ground truth")
-        scribble = read_label(
-            (scribble_dir or lay.scribble_dir) / f"{sample_id}.png", data.num_classes, gt.shape, "scribble"
-        )
+        scribble = None
+        if use_scribbles:
+            path = (scribble_dir or lay.scribble_dir) / f"{sample_id}.png"
+            scribble = read_label(path, data.num_classes, gt.shape, "scribble")
         label = degrade(gt, level, data.num_classes, image_seed(sample_id, seed), scribble)
         write_label(out / f"{sample_id}.png", label)
         cm.update(torch.from_numpy(label.astype(np.int64)), torch.from_numpy(gt.astype(np.int64)))

@@ -174,3 +174,32 @@ def test_trivial_names_a_bad_scribble(invoke, synth):
     result = invoke("data", "trivial", "--root", synth, "--num-classes", "2")
     assert result.exit_code != 0
     assert "pascal_2012_scribble" in one_line(result.output) and "outside" in one_line(result.output)
+
+
+def _labels(folder: Path, ids: list[str]) -> dict[str, np.ndarray]:
+    return {i: cv2.imread(str(folder / f"{i}.png"), cv2.IMREAD_UNCHANGED) for i in ids}
+
+
+def test_degrade_with_and_without_the_scribbles(invoke, synth):
+    """By default the labels imitate stage 1 (the scribble names the classes and keeps its pixels);
+    with --no-scribbles no scribble pixel is pasted in, and at level 0 they are the ground truth."""
+    ids = (synth / "ImageSets/SegmentationAug/train.txt").read_text().split()
+    scribbles = _labels(synth / "pascal_2012_scribble", ids)
+    truth = _labels(synth / "SegmentationClassAug", ids)
+    result = invoke("data", "degrade", "--root", synth, "--num-classes", "3", "--level", "0.8", "--out", "with")
+    assert result.exit_code == 0 and "data.pseudo_label_dir=with" in one_line(result.output), result.output
+    with_scribbles = _labels(synth / "with", ids)
+    for i in ids:
+        scribbled = scribbles[i] != 255
+        assert np.array_equal(with_scribbles[i][scribbled], scribbles[i][scribbled]), i
+        named = set(np.unique(scribbles[i][scribbled]).tolist()) | {0}
+        assert set(np.unique(with_scribbles[i][truth[i] != 255]).tolist()) <= named, i
+    result = invoke("data", "degrade", "--root", synth, "--num-classes", "3", "--level", "0", "--no-scribbles",
+                    "--out", "exact")  # fmt: skip
+    assert result.exit_code == 0 and "100.00 mIoU" in one_line(result.output), result.output
+    assert all(np.array_equal(label, truth[i]) for i, label in _labels(synth / "exact", ids).items())
+    result = invoke("data", "degrade", "--root", synth, "--num-classes", "3", "--level", "0.8", "--no-scribbles",
+                    "--out", "without")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    without = _labels(synth / "without", ids)
+    assert any(not np.array_equal(without[i], with_scribbles[i]) for i in ids)
