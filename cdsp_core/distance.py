@@ -61,26 +61,32 @@ def scribble_distance_map(scribble: np.ndarray, lam: float, num_classes: int) ->
     return (255 - _scaled_distance(_distance_to(fg), lam)).astype(np.uint8)
 
 
-def boundary(pseudo: np.ndarray, num_classes: int) -> np.ndarray:
+def boundary(pseudo: np.ndarray, num_classes: int, cut: bool = False) -> np.ndarray:
     """Contour pixels of the binary foreground of a pseudo-label (outer and hole contours).
 
     A foreground pixel is on the contour when one of its 4-neighbours is not foreground, with
     everything outside the image counting as not foreground. These are exactly the pixels that
     OpenCV's border following traces for 8-connected foreground, 1 px wide. Touching classes
     merge into one foreground, so no boundary is drawn between them.
+
+    With `cut`, the array is a crop of a larger label map: its edges cut through the image, not
+    along its border, so what lies beyond them counts as more of the same (an object the crop cuts
+    has no contour along the cut). Pixels the crop padded (255) still count as not foreground.
     """
     fg = foreground(_check_label(pseudo, "pseudo-label"), num_classes).astype(np.uint8)
-    eroded = cv2.erode(fg, _CROSS, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    border = cv2.BORDER_REPLICATE if cut else cv2.BORDER_CONSTANT
+    eroded = cv2.erode(fg, _CROSS, borderType=border, borderValue=0)
     return (fg > 0) & (eroded == 0)
 
 
-def pseudo_boundary_distance_map(pseudo: np.ndarray, lam: float, num_classes: int) -> np.ndarray:
+def pseudo_boundary_distance_map(pseudo: np.ndarray, lam: float, num_classes: int, cut: bool = False) -> np.ndarray:
     """Boundary distance map d_c of Eq. 14: 0 on the pseudo-label boundary, 255 far from it.
 
-    A pseudo-label with no foreground boundary gives all 255.
+    A pseudo-label with no foreground boundary gives all 255. `cut`: the label is a crop (see
+    `boundary`), as in the training loader, which makes the map after augmentation.
     """
     pseudo = _check_label(pseudo, "pseudo-label")
-    edge = boundary(pseudo, num_classes)
+    edge = boundary(pseudo, num_classes, cut)
     if not edge.any():
         return np.full(pseudo.shape, 255, np.uint8)
     return _scaled_distance(_distance_to(edge), lam)

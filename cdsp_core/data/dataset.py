@@ -123,7 +123,7 @@ class TrainDataset(Dataset):
             d_c = (
                 out["dist_c"].numpy()
                 if self.cache
-                else pseudo_boundary_distance_map(pseudo, self.lambda_c, self.num_classes)
+                else pseudo_boundary_distance_map(pseudo, self.lambda_c, self.num_classes, cut=True)
             )
             sample["dist_c"] = torch.from_numpy(np.where(valid, d_c, 0).astype(np.uint8))
         return sample

@@ -40,6 +40,9 @@ class RandomScale(v2.Transform):
         return {"size": [max(1, round(h * s)), max(1, round(w * s))]}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if isinstance(inpt, tv_tensors.Mask):  # pixel centres, as the image's bilinear: plain NEAREST
+            # (floor indexing) shifts a mask by up to a pixel against its image at scales like 0.5, 1.5
+            return TF.resize(inpt, params["size"], interpolation=TF.InterpolationMode.NEAREST_EXACT)
         return TF.resize(inpt, params["size"], antialias=True)
 
 

@@ -112,7 +112,8 @@ def test_unaugmented_sample_is_the_file_placed_in_the_padding(tiny_synth):
 
 
 def test_distance_maps_are_exact_for_the_augmented_labels(tiny_synth):
-    """Within the real pixels the maps equal Eq. 14/16 recomputed from the returned labels; 0 elsewhere."""
+    """Within the real pixels the maps equal Eq. 14/16 recomputed from the returned labels (d_c as of a
+    crop: no contour along its cut edges); 0 elsewhere."""
     ds = full(tiny_synth, crop_size=56, augment=True)
     invented = 0
     for seed in range(6):
@@ -123,7 +124,7 @@ def test_distance_maps_are_exact_for_the_augmented_labels(tiny_synth):
         valid = pseudo != 255  # the ground truth has no 255: only invented pixels carry it
         invented += int((~valid).sum())
         d_s = np.where(valid, scribble_distance_map(scribble, LAMBDA_S, K), 0)
-        d_c = np.where(valid, pseudo_boundary_distance_map(pseudo, LAMBDA_C, K), 0)
+        d_c = np.where(valid, pseudo_boundary_distance_map(pseudo, LAMBDA_C, K, cut=True), 0)
         assert np.array_equal(sample["dist_s"].numpy(), d_s)
         assert np.array_equal(sample["dist_c"].numpy(), d_c)
         assert (scribble[~valid] == 255).all()

@@ -169,3 +169,21 @@ def test_maps_do_not_modify_inputs_and_validate_shape():
         scribble_distance_map(np.zeros((2, 3, 4), np.uint8), 1.0, K)
     with pytest.raises(ValueError, match=r"0\.\.255"):
         pseudo_boundary_distance_map(np.full((3, 3), 300), 1.0, K)
+
+
+def test_a_crop_has_no_boundary_along_its_cut_edges():
+    """The loader makes d_c on the augmented crop: an object the crop cuts has no contour along the cut
+    (`cut=True`), where the whole image's map has one along the image's own border. Padding (255)
+    still counts as not foreground."""
+    crop = np.ones((20, 20), np.uint8)
+    crop[:, :5] = 0  # background on the left; the object runs on past the other three edges
+    whole = boundary(crop, K)
+    assert whole[0, 10] and whole[19, 10] and whole[10, 19]  # image border: contour
+    cut = boundary(crop, K, cut=True)
+    assert np.array_equal(np.argwhere(cut)[:, 1], np.full(20, 5))  # only the object's real edge, column 5
+    d_c = pseudo_boundary_distance_map(crop, 0.0, K, cut=True)  # lambda 0: d_c is the distance itself
+    assert d_c[10, 15] == 10 and d_c[0, 15] == 10 and d_c[10, 5] == 0
+    assert pseudo_boundary_distance_map(crop, 0.0, K)[0, 15] == 0  # the uncut map: the border is an edge
+    padded = crop.copy()
+    padded[:, 17:] = 255  # the crop ran past the image: padding
+    assert boundary(padded, K, cut=True)[10, 16]  # the image's edge beside the padding is a contour

@@ -136,3 +136,19 @@ def test_opencv_blur_matches_torchvision_for_the_same_sigma():
     assert ours.shape == ref.shape and ours.dtype == torch.uint8
     assert (ours.int() - ref.int()).abs().max() <= 1  # rounding only
     assert GaussianBlur(5).transform(x["label"], {"sigma": 1.3}) is x["label"]  # masks are not blurred
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.5, 1.3])
+def test_a_rescaled_mask_stays_on_its_image(scale):
+    """Masks are resampled at pixel centres like the image's bilinear (NEAREST_EXACT): torchvision's
+    plain NEAREST indexes by floor, which put a mask's object a pixel off its image at scale 0.5."""
+    from cdsp_core.data.transforms import RandomScale
+
+    image = torch.zeros(3, 40, 40, dtype=torch.uint8)
+    image[:, 10:30, 10:30] = 255
+    mask = torch.zeros(40, 40, dtype=torch.uint8)
+    mask[10:30, 10:30] = 1
+    size = {"size": [round(40 * scale)] * 2}
+    out_image = RandomScale(1, 1).transform(tv_tensors.Image(image), size)
+    out_mask = RandomScale(1, 1).transform(tv_tensors.Mask(mask), size)
+    assert np.array_equal(out_image[0].numpy() > 127, out_mask.numpy() > 0)
