@@ -114,7 +114,7 @@ def convert(xml_dir: Path, out_dir: Path, image_dir: Path | None = None, width: 
         if size is None:
             if image_dir is None:
                 raise DatasetError(f"{path}: no <size>; pass the image folder to read the size from")
-            img = cv2.imread(str(image_dir / f"{path.stem}.jpg"), cv2.IMREAD_UNCHANGED)
+            img = cv2.imread(str(image_dir / f"{path.stem}.jpg"), cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
             if img is None:
                 raise DatasetError(f"{path}: no <size> and no readable image {image_dir / (path.stem + '.jpg')}")
             size = img.shape[:2]

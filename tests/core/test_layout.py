@@ -106,3 +106,22 @@ def test_require_layout_names_every_problem_and_checks_a_good_dataset_once(synth
     broken = DataSpec(root=str(synth), num_classes=3, gt_dir="nope")
     with pytest.raises(DatasetError, match=r"data\.image_dir: folder .*JPEGImages is missing; data\.gt_dir: folder"):
         require_layout(broken)
+
+
+@pytest.mark.parametrize("orientation", [3, 6])
+def test_an_image_is_read_in_its_own_pixel_grid_whatever_its_exif_orientation(tmp_path, orientation):
+    """Label PNGs carry no orientation: a JPEG tagged "rotate 180" (3) or "rotate 90" (6) is read as
+    stored, so it stays on its labels' pixels (it came back turned, or with its sides swapped)."""
+    import numpy as np
+    from PIL import Image
+
+    from cdsp_core.data.files import read_image
+
+    raw = np.zeros((40, 60, 3), np.uint8)
+    raw[:, :30] = 255  # the left half white, as stored
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(raw).save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    image = read_image(tmp_path / "photo.jpg")
+    assert image.shape == (40, 60, 3)
+    assert image[:, :30].mean() > 250 and image[:, 30:].mean() < 5
