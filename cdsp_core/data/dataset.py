@@ -65,11 +65,14 @@ class TrainDataset(Dataset):
         self.with_pseudo, self.with_dist_s, self.with_dist_c = with_pseudo, with_dist_s, with_dist_c
         self.lambda_s, self.lambda_c = lambda_s, lambda_c
         self.ids = ids if ids is not None else read_ids(self.layout.train_list)
-        self.cache = (
-            DistanceMapCache(self.layout.root / data.distance_map_dir, lambda_s, lambda_c, data.num_classes)
-            if data.distance_map_dir and (with_dist_s or with_dist_c)
-            else None
-        )
+        self.cache = None
+        if data.distance_map_dir and (with_dist_s or with_dist_c):
+            sources = (
+                self.scribble_dir if with_dist_s else None,
+                self.layout.pseudo_label_dir if with_dist_c else None,
+            )
+            folder = self.layout.root / data.distance_map_dir
+            self.cache = DistanceMapCache(folder, lambda_s, lambda_c, data.num_classes, *sources)
         self.transform = train_transforms(
             data.crop_size, data.scale_range, data.augment if augment is None else augment
         )

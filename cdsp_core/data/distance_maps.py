@@ -19,9 +19,19 @@ from cdsp_core.spec import DataSpec
 
 
 class DistanceMapCache:
-    """Reads a cache folder, refusing one made with other lambdas or class count."""
+    """Reads a cache folder, refusing one made with other lambdas or class count, or from other labels
+    than the run reads (a shrink/drop variant of the scribbles, stage 1's own pseudo-labels): its maps
+    would weight pixels by strokes or boundaries the run does not have."""
 
-    def __init__(self, folder: Path, lambda_s: float, lambda_c: float, num_classes: int):
+    def __init__(
+        self,
+        folder: Path,
+        lambda_s: float,
+        lambda_c: float,
+        num_classes: int,
+        scribble_dir: Path | None = None,
+        pseudo_label_dir: Path | None = None,
+    ):
         meta_path = folder / "meta.json"
         if not meta_path.is_file():
             raise DatasetError(f"{meta_path}: distance-map cache has no meta.json")
@@ -32,6 +42,15 @@ class DistanceMapCache:
                 raise DatasetError(f"{folder}: cache was made with {key}={meta[key]}, the spec asks for {value}")
         self.folder = folder
         self.has_pseudo = bool(meta.get("pseudo"))
+        # Caches written before their sources were recorded have none: taken as they are.
+        sources = (("scribble_dir", scribble_dir, "scribbles"), ("pseudo_label_dir", pseudo_label_dir, "pseudo-labels"))
+        for key, used, what in sources:
+            made = meta.get(key)
+            if made is not None and used is not None and Path(made) != used.resolve():
+                raise DatasetError(
+                    f"{folder}: its maps were made from the {what} in {made}, this run reads {used}; make the "
+                    "cache for them (cdsp data distance-maps) or unset data.distance_map_dir"
+                )
 
     def read(self, kind: str, sample_id: str, shape: tuple[int, int]) -> np.ndarray:
         if kind == "pseudo" and not self.has_pseudo:
@@ -63,6 +82,9 @@ def write_distance_maps(data: DataSpec, out: Path, lambda_s: float, lambda_c: fl
         "lambda_c": lambda_c,
         "num_classes": data.num_classes,
         "pseudo": lay.pseudo_label_dir is not None,
+        # What the maps were made from: a run reading other labels refuses the cache.
+        "scribble_dir": str(lay.scribble_dir.resolve()),
+        "pseudo_label_dir": str(lay.pseudo_label_dir.resolve()) if lay.pseudo_label_dir is not None else None,
     }
     (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return folder, len(ids), spent

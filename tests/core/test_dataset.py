@@ -379,6 +379,31 @@ def test_distance_map_cache_is_used_and_checked(tiny_synth, tmp_path):
         DistanceMapCache(cache, LAMBDA_S, LAMBDA_C, 21)
 
 
+def test_a_cache_made_from_other_labels_than_the_run_reads_is_refused(tiny_synth, tmp_path):
+    """The cache records the scribbles and pseudo-labels its maps come from: a shrink/drop variant of
+    the scribbles, or stage 1's own pseudo-labels, would otherwise be weighted by maps of strokes and
+    boundaries they do not have."""
+    import json
+    import shutil
+
+    data = spec(tiny_synth, distance_map_dir=str(tmp_path / "dm"), augment=False)
+    write_distance_maps(spec(tiny_synth), tmp_path / "dm", LAMBDA_S, LAMBDA_C)
+    meta = json.loads((tmp_path / "dm" / "meta.json").read_text())
+    assert meta["scribble_dir"] == str((tiny_synth / "pascal_2012_scribble").resolve())
+    kwargs = {"with_pseudo": True, "with_dist_s": True, "with_dist_c": True, "lambda_s": LAMBDA_S, "lambda_c": LAMBDA_C}
+    assert TrainDataset(data, **kwargs).cache is not None  # the same labels: taken
+    variant = tmp_path / "variant"
+    shutil.copytree(tiny_synth / "pascal_2012_scribble", variant)
+    made_elsewhere = r"made from the scribbles in .*pascal_2012_scribble, this run reads .*variant"
+    with pytest.raises(DatasetError, match=made_elsewhere):
+        TrainDataset(data, scribble_dir=variant, **kwargs)
+    other = data.model_copy(update={"pseudo_label_dir": str(variant)})
+    with pytest.raises(DatasetError, match=r"made from the pseudo-labels in .*SegmentationClassAug"):
+        TrainDataset(other, **kwargs)
+    # d_s alone does not care where the pseudo-labels come from
+    assert TrainDataset(other, with_dist_s=True, lambda_s=LAMBDA_S, lambda_c=LAMBDA_C).cache is not None
+
+
 def test_cache_without_pseudo_maps_and_without_meta(tiny_synth, tmp_path):
     plain = DataSpec(root=str(tiny_synth), num_classes=K)
     write_distance_maps(plain, tmp_path / "dm", LAMBDA_S, LAMBDA_C)
