@@ -335,6 +335,26 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: value}
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (the later one silently won)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark, f"found the key {key!r} twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(text: str) -> Any:
+    """YAML as the spec reads it: safe types only, no key twice in a mapping."""
+    return yaml.load(text, Loader=_UniqueKeys)  # a SafeLoader subclass: safe types only
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     """`"stage2.lambda_s=2"` -> ("stage2.lambda_s", 2); the value is parsed as YAML."""
     key, sep, raw = item.partition("=")
@@ -342,7 +362,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not sep or not key:
         raise SpecError([(item, "an override must look like key=value, e.g. stage2.epochs=5")])
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = read_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise SpecError([(key, f"value {raw!r} is not valid YAML: {yaml_problem(exc)}")]) from None
     return key, value
@@ -359,10 +379,9 @@ def validate_spec(data: Mapping[str, Any]) -> ExperimentSpec:
 def located(err: Any) -> tuple[str, str]:
     """(field path, message) of a pydantic error; a rule across fields (no location of its own) is
     filed under the key its message starts with (`search.space: ...`, `stage1.batch_size=16 ...`)."""
-    path, msg = ".".join(str(p) for p in err["loc"]), str(err["msg"])
+    path, msg = ".".join(str(p) for p in err["loc"]), str(err["msg"]).removeprefix("Value error, ")
     if path:
         return path, msg
-    msg = msg.removeprefix("Value error, ")
     m = re.match(r"([a-z0-9_]+(?:\.[a-z0-9_]+)+)(: |=| )", msg)
     if m is None:
         return "", msg
@@ -393,8 +412,12 @@ def load_spec(source: str | Path | Mapping[str, Any], overrides: Iterable[str] =
         except (OSError, ValueError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise SpecError([("", f"cannot read spec file {location}: {reason}")]) from None
+        except Exception as exc:  # a storage backend's own errors (missing credentials...)
+            if not runs.is_remote(location):
+                raise
+            raise SpecError([("", f"cannot read spec file {location}: {type(exc).__name__}: {exc}")]) from None
         try:
-            loaded = yaml.safe_load(text)
+            loaded = read_yaml(text)
         except yaml.YAMLError as exc:
             raise SpecError([("", f"{location} is not valid YAML: {yaml_problem(exc)}")]) from None
         if loaded is None:

@@ -50,6 +50,27 @@ class _Section(BaseModel):
     )
 
 
+WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar", ".safetensors")
+
+
+def usable_path(v: str, what: str = "a path") -> str:
+    """A path value that names something: not blank, no NUL byte (which no file system accepts)."""
+    if not v.strip():
+        raise ValueError(f"{what} must not be blank")
+    if "\x00" in v:
+        raise ValueError(f"{what} must not contain a NUL byte, got {v!r}")
+    return v
+
+
+def weights_value(v: str) -> str:
+    """`none`, `imagenet`, or something that reads as a weights file (a folder in it, a scheme, or a
+    weights suffix): a typo such as `imagenett` is refused here, not after stage 1 has trained."""
+    usable_path(v, "pretrained")
+    if v in ("none", "imagenet") or "/" in v or "://" in v or v.endswith(WEIGHT_FILE_SUFFIXES):
+        return v
+    raise ValueError(f"expected 'none', 'imagenet' or a weights file path (e.g. ./weights.pth), got {v!r}")
+
+
 class DataSpec(_Section):
     root: str = "data/synthetic"
     """Dataset root in the VOC/ScribbleSup layout (a local path, or one the workers can see)."""
@@ -76,6 +97,11 @@ class DataSpec(_Section):
     variant_seed: int = Field(0, ge=0, le=MAX_SEED)
     """Seed of the drop variant (with the image id); variants are cached per (ratio, seed)."""
 
+    @field_validator("root")
+    @classmethod
+    def _root(cls, v: str) -> str:
+        return usable_path(v, "the dataset root")
+
     @field_validator("image_dir", "scribble_dir", "gt_dir", "train_list", "val_list")
     @classmethod
     def _inside_root(cls, v: str | None) -> str | None:
@@ -83,16 +109,17 @@ class DataSpec(_Section):
         dataset would be read, and its words could come back in error messages)."""
         if v is not None and (not v.strip() or Path(v).is_absolute() or ".." in Path(v).parts):
             raise ValueError(f"must be a path inside data.root: relative and without '..', got {v!r}")
-        return v
+        return v if v is None else usable_path(v)
 
     @field_validator("pseudo_label_dir", "distance_map_dir")
     @classmethod
     def _no_parent(cls, v: str | None) -> str | None:
         """Folders our tools write (pseudo-labels, distance maps) may live elsewhere, given absolute;
-        a relative one stays inside `root`."""
+        a relative one stays inside `root`. Blank is refused: unset the key instead (a blank pseudo-label
+        folder named the dataset root itself, and switched stage 1 off)."""
         if v is not None and not Path(v).is_absolute() and ".." in Path(v).parts:
             raise ValueError(f"a relative folder must stay inside data.root (no '..'), got {v!r}")
-        return v
+        return v if v is None else usable_path(v, "a folder (unset the key for none)")
 
     crop_size: int = Field(465, ge=8, le=MAX_CROP)
     """Square training crop; smaller images are padded with the mean colour and label 255."""
@@ -147,6 +174,7 @@ class Stage1Spec(_Section):
     """Backbone of the multi-label CAM classifier."""
     pretrained: str = "none"
     """`none`, `imagenet` (torchvision cache under TORCH_HOME, never downloaded) or a file path."""
+    _pretrained = field_validator("pretrained")(classmethod(lambda cls, v: weights_value(v)))
     output_stride: Literal[8, 16] = 16
     """Output stride of the classifier's last feature map (the CAM resolution)."""
     epochs: int = Field(5, ge=1, le=MAX_EPOCHS)
@@ -215,6 +243,7 @@ class Stage2Spec(_Section):
     """torchvision ResNet backbone."""
     pretrained: str = "none"
     """`none`, `imagenet` (torchvision cache under TORCH_HOME, never downloaded) or a file path."""
+    _pretrained = field_validator("pretrained")(classmethod(lambda cls, v: weights_value(v)))
     output_stride: Literal[8, 16] = 8
     """Output stride of the backbone (dilated layer3/layer4 at 8)."""
     head_form: Literal["textbook", "official"] = "textbook"

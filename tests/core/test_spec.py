@@ -11,6 +11,7 @@ from cdsp_core.spec import (
     ExperimentSpec,
     SpecError,
     grid_size,
+    load_spec,
     validate_spec,
 )
 
@@ -331,3 +332,36 @@ def test_domain_values_and_grid_size():
     assert grid_size(spec.search) == 3 * 2 * 2
     with pytest.raises(ValueError, match="grid and choice"):
         spec.search.space["data.shrink_ratio"].values()
+
+
+@pytest.mark.parametrize(
+    ("override", "path", "words"),
+    [
+        ("stage2.pretrained=imagenett", "stage2.pretrained", ["'none', 'imagenet' or a weights file path"]),
+        ("stage1.pretrained=weights", "stage1.pretrained", ["got 'weights'"]),
+        ('data.pseudo_label_dir=""', "data.pseudo_label_dir", ["must not be blank", "unset the key"]),
+        ('data.root="  "', "data.root", ["must not be blank"]),
+        ('data.distance_map_dir="a\\0b"', "data.distance_map_dir", ["NUL byte"]),
+    ],
+)
+def test_values_that_name_nothing_are_refused_with_their_field(override, path, words):
+    """A typo in `pretrained` failed only when the model was built (after stage 1 trained); a blank
+    pseudo-label folder meant the dataset root itself and switched stage 1 off."""
+    with pytest.raises(SpecError) as info:
+        load_spec({}, [override])
+    (where, msg), *_ = info.value.errors
+    assert where == path and all(w in msg for w in words) and not msg.startswith("Value error"), info.value.errors
+
+
+@pytest.mark.parametrize("value", ["none", "imagenet", "weights.pth", "./w", "/abs/r101", "s3://b/w.pt"])
+def test_pretrained_values_that_read_as_weights_are_accepted(value):
+    assert load_spec({}, [f"stage2.pretrained={value}"]).stage2.pretrained == value
+
+
+def test_a_key_given_twice_is_refused_with_its_line(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text("stage2:\n  lr: 0.1\n  lr: 0.2\n")
+    with pytest.raises(SpecError, match=r"spec\.yaml is not valid YAML: line 3, column 3: found the key 'lr' twice"):
+        load_spec(path)
+    with pytest.raises(SpecError, match="found the key 'lr' twice"):
+        load_spec({}, ["stage2={lr: 1, lr: 2}"])
