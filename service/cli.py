@@ -74,7 +74,16 @@ def serve(
 ) -> None:
     """Run the control plane (settings from CDSP_* variables; no CDSP_RAY_ADDRESS = a local Ray head)."""
     import uvicorn
+    from pydantic import ValidationError
 
+    from service.settings import Settings
+
+    try:
+        Settings()
+    except ValidationError as exc:  # one line per setting, named as it is set, not a factory traceback
+        err = exc.errors()[0]
+        name = "CDSP_" + "_".join(str(p) for p in err["loc"]).upper()
+        fail(f"{name}: {str(err['msg']).removeprefix('Value error, ')}")
     uvicorn.run("service.main:create_app", factory=True, host=host, port=port, log_level=log_level)
 
 

@@ -28,8 +28,9 @@ class Settings(BaseSettings):
     """Folder of the embedded defaults: the SQLite file, the artifacts, the API token, the Ray head state."""
     database_url: str | None = None
     """SQLAlchemy URL; unset = `sqlite:///{data_dir}/cdsp.db` (WAL). Production: `postgresql+psycopg://...`."""
-    storage: str | None = None
-    """Root of the run folders: a local path or an fsspec URI (`s3://bucket/prefix`); unset = `{data_dir}/artifacts`."""
+    storage: str | None = Field(default=None, max_length=900)
+    """Root of the run folders: a local path or an fsspec URI (`s3://bucket/prefix`); unset = `{data_dir}/artifacts`.
+    At most 900 characters: a run folder's path is stored in a 1024-character column."""
     ray_address: str | None = None
     """Ray dashboard URL (`http://head:8265`); unset = start and own a local Ray head."""
     ray_token: str | None = None
@@ -50,8 +51,9 @@ class Settings(BaseSettings):
     """Seconds before a request to the Ray dashboard counts as failed."""
     ray_num_cpus: int | None = None
     """CPUs of the embedded Ray head; unset = all cores."""
-    replica_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
-    """Name of this replica in claims and transitions (defaults to host and pid)."""
+    replica_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}"[:128], max_length=128)
+    """Name of this replica in claims and transitions (defaults to host and pid; at most 128 characters,
+    its column's size on PostgreSQL)."""
     ray_lost_after: float = Field(default=60.0, gt=0)
     """Seconds Ray may stay unreachable before the experiments it was running are failed as lost (their
     logs up to then are kept; `retry` resumes them from the latest checkpoint once a cluster answers)."""

@@ -71,3 +71,25 @@ def test_a_token_is_generated_once_when_none_is_configured(tmp_path: Path) -> No
 def test_api_tokens_from_the_environment(monkeypatch: pytest.MonkeyPatch, raw: str, expected: list[str]) -> None:
     monkeypatch.setenv("CDSP_API_TOKENS", raw)
     assert Settings().api_tokens == expected
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "words"),
+    [
+        ("CDSP_REPLICA_ID", "r" * 200, "CDSP_REPLICA_ID: String should have at most 128 characters"),
+        ("CDSP_STORAGE", "/" + "s" * 1000, "CDSP_STORAGE: String should have at most 900 characters"),
+    ],
+)
+def test_cdsp_serve_names_a_bad_setting_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, env: str, value: str, words: str
+) -> None:
+    """Settings that would not fit their database columns (PostgreSQL enforces the sizes, SQLite does
+    not) are refused at start, by their variable's name, instead of a uvicorn factory traceback."""
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    monkeypatch.setenv(env, value)
+    result = CliRunner().invoke(app, ["serve", "--port", "0"])
+    assert result.exit_code == 2, result.output
+    assert words in " ".join(result.output.split())
