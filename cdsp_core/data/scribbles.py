@@ -9,6 +9,7 @@ layout and cached by (kind, ratio, seed).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -129,9 +130,18 @@ def make_variant(
     """
     lay = Layout.from_spec(data)
     target = out_dir or lay.root / variant_name(data.scribble_dir, shrink_ratio, drop_ratio, seed)
-    if (target / ".complete").is_file():
-        return target
     ids = read_ids(lay.train_list)
+    # What the variant is made of: its recipe, the source folder and the training ids. A cached one
+    # made from another folder of the same name or for another training list is made again.
+    made_of = (
+        f"shrink={shrink_ratio} drop={drop_ratio} seed={seed}\nsource={data.scribble_dir}\n"
+        f"ids={hashlib.sha256(chr(10).join(ids).encode()).hexdigest()[:16]} ({len(ids)})\n"
+    )
+    complete = target / ".complete"
+    if complete.is_file():
+        stamp = complete.read_text()
+        if stamp == made_of or "source=" not in stamp:  # older variants recorded the recipe only
+            return target
     tmp = Path(tempfile.mkdtemp(prefix=".variant-", dir=target.parent))
     try:
         for sample_id in ids:
@@ -142,12 +152,15 @@ def make_variant(
             if shrink_ratio:
                 scribble = shrink(scribble, shrink_ratio, s)
             write_label(tmp / f"{sample_id}.png", scribble)
-        (tmp / ".complete").write_text(f"shrink={shrink_ratio} drop={drop_ratio} seed={seed}\n")
+        (tmp / ".complete").write_text(made_of)
         try:
             os.rename(tmp, target)
         except OSError:
-            if not (target / ".complete").is_file():  # someone else's half-written folder
-                shutil.rmtree(target, ignore_errors=True)
+            done = target / ".complete"
+            if not done.is_file() or done.read_text() != made_of:  # half-written, or of other scribbles
+                stale = target.with_name(f".stale-{target.name}-{os.getpid()}")
+                os.rename(target, stale)
+                shutil.rmtree(stale, ignore_errors=True)
                 os.rename(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

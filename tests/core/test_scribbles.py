@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cdsp_core.data import scribbles
-from cdsp_core.data.files import read_label
+from cdsp_core.data.files import read_label, write_label
 from cdsp_core.data.scribbles import drop, image_seed, make_variant, scribble_folder, shrink, strokes, variant_name
 from cdsp_core.spec import DataSpec
 
@@ -261,3 +261,26 @@ def test_scribble_folder(synth):
     shrunk = DataSpec(root=str(synth), num_classes=3, shrink_ratio=0.25, variant_seed=4)
     folder = scribble_folder(shrunk)
     assert folder.name == "pascal_2012_scribble@shrink0.25-seed4" and (folder / ".complete").is_file()
+
+
+def test_a_cached_variant_of_other_scribbles_or_another_training_list_is_made_again(synth):
+    """The variant's folder is named by the source folder's last part and the recipe; its .complete
+    records the source and the training ids, so a later run on a longer list (its new ids were
+    missing) or on another folder of the same name gets a variant of its own scribbles."""
+    train = synth / "ImageSets/SegmentationAug/train.txt"
+    ids = train.read_text().split()
+    train.write_text("\n".join(ids[:2]) + "\n")
+    data = DataSpec(root=str(synth), num_classes=3)
+    folder = make_variant(data, 0.5, 0.0, 0)
+    assert sorted(p.stem for p in folder.glob("*.png")) == sorted(ids[:2])
+    train.write_text("\n".join(ids) + "\n")
+    assert make_variant(data, 0.5, 0.0, 0) == folder
+    assert sorted(p.stem for p in folder.glob("*.png")) == sorted(ids)  # made again for every id
+    other = synth / "other" / "pascal_2012_scribble"
+    shutil.copytree(synth / "pascal_2012_scribble", other)
+    for png in other.glob("*.png"):  # other scribbles: every stroke dropped
+        write_label(png, np.full_like(read_label(png, 3), IGNORE))
+    data_other = DataSpec(root=str(synth), num_classes=3, scribble_dir="other/pascal_2012_scribble")
+    assert make_variant(data_other, 0.5, 0.0, 0) == folder  # the same name...
+    assert all((read_label(p, 3) == IGNORE).all() for p in folder.glob("*.png"))  # ...of its own scribbles
+    assert "source=other/pascal_2012_scribble" in (folder / ".complete").read_text()
