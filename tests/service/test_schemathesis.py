@@ -97,6 +97,12 @@ def test_stateful_sequences_over_the_schema_links(api_server: ServiceProcess) ->
     seen: set[tuple[str, str, int]] = set()
 
     class Machine(schema.as_state_machine()):  # type: ignore[misc]
+        def before_call(self, case: Any) -> None:
+            # `logs?follow=true` on an experiment made in the sequence streams until it ends, with a
+            # keep-alive byte every few seconds: no read timeout ever fires, and these never end here.
+            if case.query and case.query.get("follow") in (True, "true", "True", 1, "1"):
+                case.query["follow"] = False
+
         def get_call_kwargs(self, case: Any) -> dict[str, Any]:
             return {"headers": AUTH, "timeout": 15}
 

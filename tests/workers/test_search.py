@@ -301,20 +301,24 @@ def test_search_figures(tmp_path: Path) -> None:
         assert Image.open(tmp_path / "figures" / name).size[0] > 200
 
 
+MISSING = "/nonexistent/weights.pt"
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(480)
 def test_random_search_with_asha_a_failing_trial_and_bounded_concurrency(
     ray_cluster: Any, tiny_synth: Path, tmp_path: Path
 ) -> None:
-    """ASHA over a random dimension crossed with a grid, one grid value invalid (its trials fail with
-    their error while the search finishes), at most 2 trials at a time (measured from their epochs)."""
+    """ASHA over a random dimension crossed with a grid, one grid value failing at run time (a weights
+    file that is not there: its trials fail with their error while the search finishes; a value the
+    spec refuses never gets this far), at most 2 trials at a time (measured from their epochs)."""
     epochs = 4
     spec = tiny_spec(
         tiny_synth, kind="search", stage2__epochs=epochs, resources__num_workers=1,
         data__pseudo_label_dir="SegmentationClassAug", search__max_concurrent_trials=2, search__scheduler="asha",
         search__grace_period=1, search__num_samples=2,
-        search__space={"stage2.lr": {"loguniform": [1e-4, 0.1]}, "stage2.lambda_s": {"grid": [1.0, 500.0]}},
+        search__space={"stage2.lr": {"loguniform": [1e-4, 0.1]}, "stage2.pretrained": {"grid": ["none", MISSING]}},
     )  # fmt: skip
     path, out = tmp_path / "spec.yaml", tmp_path / "search"
     path.write_text(spec.to_yaml())
@@ -322,9 +326,9 @@ def test_random_search_with_asha_a_failing_trial_and_bounded_concurrency(
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     trials = json.loads((out / "trials.json").read_text())
     assert len(trials) == 4
-    bad = [t for t in trials if t["params"]["stage2.lambda_s"] == 500.0]
+    bad = [t for t in trials if t["params"]["stage2.pretrained"] == MISSING]
     assert [t["status"] for t in bad] == ["error", "error"]
-    assert all("stage2.lambda_s" in (t.get("error") or "") for t in bad), bad
+    assert all(MISSING in (t.get("error") or "") for t in bad), bad
     good = [t for t in trials if t not in bad]
     assert {t["status"] for t in good} <= {"finished", "stopped"}
     for t in good:  # a stopped trial ran fewer epochs than the finished ones, and is recorded as such
