@@ -144,6 +144,7 @@ def transition(
             to, (reason, values) = Status.cancelled, (if_cancelled[0], dict(if_cancelled[1]))
         else:
             unless_cancel_asked = True
+    reason, values = text_safe(reason), {k: text_safe(v) for k, v in values.items()}
     froms = sources(to) if expect is None else frozenset(expect) & sources(to)
     now = utcnow()
     stamp = _STAMP.get(to)
@@ -311,12 +312,18 @@ def ask_cancel(session: Session, experiment_id: str) -> bool:
     return getattr(done, "rowcount", 0) == 1
 
 
+def text_safe(value: Any) -> Any:
+    """A text value without NUL bytes, which PostgreSQL's text columns refuse (a worker's error line or a
+    Ray message may carry one: the move failed on every pass); other values unchanged."""
+    return value.replace("\x00", "") if isinstance(value, str) else value
+
+
 def update_fields(session: Session, experiment_id: str, **values: Any) -> None:
     """Update non-state fields (progress, metrics, checkpoints...): idempotent, no transition."""
     session.execute(
         update(Experiment)
         .where(Experiment.id == experiment_id)
-        .values(updated_at=utcnow(), **values)
+        .values(updated_at=utcnow(), **{k: text_safe(v) for k, v in values.items()})
         .execution_options(synchronize_session=False)
     )
 

@@ -156,6 +156,20 @@ def test_a_diverged_run_is_stored_on_every_database(sessions: sessionmaker[Sessi
         assert store.metric_rows(s, exp_id)[0].data["loss"] is None
 
 
+def test_an_error_text_with_a_nul_byte_is_stored_on_every_database(sessions: sessionmaker[Session]) -> None:
+    """PostgreSQL's text columns refuse NUL: a worker's error line carrying one failed the move on every
+    pass (SQLite took it). Stored without the NUL byte, in the row and in its transition."""
+    exp_id = add(sessions)
+    with sessions.begin() as s:
+        assert store.transition(s, exp_id, Status.dispatching, "claimed\x00", "r1", submission_id=exp_id)
+        assert store.transition(s, exp_id, Status.failed, "job failed: bad\x00byte", "r1", error="bad\x00byte")
+        store.update_fields(s, exp_id, stage="stage\x002")
+    with sessions() as s:
+        exp = store.get(s, exp_id)
+        assert (exp.error, exp.stage) == ("badbyte", "stage2")
+        assert [t.reason for t in store.transitions(s, exp_id)][-2:] == ["claimed", "job failed: badbyte"]
+
+
 def test_a_cancel_asked_blocks_a_move_that_would_lose_it(sessions: sessionmaker[Session]) -> None:
     """`ask_cancel` marks active experiments only; a move made `unless_cancel_asked` does not happen once
     a cancel was asked (the mover read the experiment before the cancel came)."""
