@@ -15,6 +15,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from alembic.util.exc import CommandError
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -81,7 +82,14 @@ def migrate(engine: Engine) -> None:
             conn.commit()
         try:
             cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
+            try:
+                command.upgrade(cfg, "head")
+            except CommandError as exc:  # e.g. a database a newer version of the service migrated
+                raise RuntimeError(
+                    f"cannot migrate the database {engine.url.render_as_string(hide_password=True)}: {exc} "
+                    "(a newer version of this service may have migrated it; run that version, or restore "
+                    "a backup made before the upgrade)"
+                ) from None
             conn.commit()
         finally:
             if postgres:

@@ -47,6 +47,18 @@ def test_migrations_match_the_models(engine: Engine) -> None:
     assert diff == []
 
 
+def test_a_database_a_newer_service_migrated_is_named_not_a_traceback(tmp_path: Any) -> None:
+    from sqlalchemy import text
+
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'cdsp.db'}")
+    db.migrate(engine)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    with pytest.raises(RuntimeError, match=r"cannot migrate the database sqlite:///.*cdsp\.db: .*0099.*newer version"):
+        db.migrate(engine)
+    engine.dispose()
+
+
 def test_transition_records_each_change_once(sessions: sessionmaker[Session]) -> None:
     exp_id = add(sessions)
     with sessions.begin() as s:
