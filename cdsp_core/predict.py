@@ -91,7 +91,7 @@ def predict_files(
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for image_path in images:
-        image = read_image(image_path)
+        image = read_image(image_path, upright=True)  # as the photo is displayed: no labels to stay on
         x = normalize(torch.from_numpy(image).permute(2, 0, 1))[None].to(device)
         label = predict_probs(model, x, s2.eval_scales, s2.eval_flip).argmax(1)[0].to(torch.uint8).cpu().numpy()
         target = out / f"{Path(image_path).stem}.png"

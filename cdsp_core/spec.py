@@ -17,7 +17,7 @@ from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from cdsp_core.spec_sections import (
     LOSS_TERMS,
@@ -60,14 +60,18 @@ SHARED_DATA_KEYS = (
 )  # fmt: skip
 MAX_CHECKED_POINTS = 256
 """Grid combinations checked at validation; beyond it, each grid value on its own."""
+MAX_CHECKED_VALUES = 64
+"""Distinct values of one searched key checked at validation (the first and the last ones)."""
+MAX_DOMAIN_VALUES = 1000
+"""Values a grid or choice may list."""
 
 
 class Domain(_Section):
     """One search dimension: exactly one of the fields is set."""
 
-    grid: list[Any] | None = None
+    grid: list[Any] | None = Field(None, max_length=MAX_DOMAIN_VALUES)
     """Every value is tried (a grid over all grid dimensions)."""
-    choice: list[Any] | None = None
+    choice: list[Any] | None = Field(None, max_length=MAX_DOMAIN_VALUES)
     """One value drawn at random per sample."""
     uniform: tuple[float, float] | None = None
     """A float drawn uniformly from [low, high]."""
@@ -130,33 +134,53 @@ class SearchSpec(_Section):
                     "pseudo-labels; run one experiment per dataset or label folder"
                 )
             _check_key(key)
+            domain = v[key]
+            if (domain.uniform is not None or domain.loguniform is not None) and _is_int_field(key):
+                raise ValueError(
+                    f"{key!r} takes whole numbers: search it with randint, grid or choice, not a float domain"
+                )
         return v
 
     def points(self, limit: int = MAX_CHECKED_POINTS) -> list[dict[str, Any]]:
-        """Trial values to check a spec with before anything runs: the grid's combinations (each grid
-        value once, beside the other dimensions' first, when there are more than `limit`), and each
-        other domain's choices or bounds (randint's largest value is high - 1) beside the grids' first."""
-        grids = {k: d.grid for k, d in self.space.items() if d.grid is not None}
-        first = {k: g[0] for k, g in grids.items()}
+        """Trial values to check a spec with before anything runs, every other searched key at its own
+        first value (a grid's or choice's first, a random domain's low bound): the grid's combinations
+        (each grid value once when there are more than `limit`), then each other domain's values
+        (choices, or bounds and a value between them; randint's largest is high - 1). At most
+        MAX_CHECKED_VALUES distinct values of one key are checked: its first and last ones."""
+        firsts = {k: _values(d)[0] for k, d in self.space.items()}
+        grids = {k: _sample(_values(d)) for k, d in self.space.items() if d.grid is not None}
         points: list[dict[str, Any]] = []
         if math.prod(len(g) for g in grids.values()) <= limit:
-            points += [dict(zip(grids, combo, strict=True)) for combo in itertools.product(*grids.values())]
+            points += [
+                {**firsts, **dict(zip(grids, combo, strict=True))} for combo in itertools.product(*grids.values())
+            ]
         else:
-            points += [{**first, k: v} for k, g in grids.items() for v in g]
+            points += [{**firsts, k: v} for k, g in grids.items() for v in g]
         for key, d in self.space.items():
-            if d.grid is not None:
-                continue
-            if d.choice is not None:
-                values = list(d.choice)
-            elif d.randint is not None:
-                values = [d.randint[0], d.randint[1] - 1]
-            elif d.uniform is not None:  # the bounds, and a value between them (a float for an int field?)
-                values = [d.uniform[0], (d.uniform[0] + d.uniform[1]) / 2, d.uniform[1]]
-            else:
-                assert d.loguniform is not None
-                values = [d.loguniform[0], math.sqrt(d.loguniform[0] * d.loguniform[1]), d.loguniform[1]]
-            points += [{**first, key: v} for v in values]
+            if d.grid is None:
+                points += [{**firsts, key: v} for v in _sample(_values(d))]
         return points
+
+
+def _values(d: Domain) -> list[Any]:
+    """A domain's values to check, in order: its list, or its bounds and a value between them."""
+    if d.grid is not None or d.choice is not None:
+        return d.values()
+    if d.randint is not None:
+        return [d.randint[0], d.randint[1] - 1]
+    if d.uniform is not None:
+        return [d.uniform[0], (d.uniform[0] + d.uniform[1]) / 2, d.uniform[1]]
+    assert d.loguniform is not None
+    return [d.loguniform[0], math.sqrt(d.loguniform[0] * d.loguniform[1]), d.loguniform[1]]
+
+
+def _sample(values: list[Any]) -> list[Any]:
+    """Distinct values (by their repr), at most MAX_CHECKED_VALUES: the first and the last ones."""
+    distinct = list({repr(v): v for v in values}.values())
+    if len(distinct) <= MAX_CHECKED_VALUES:
+        return distinct
+    half = MAX_CHECKED_VALUES // 2
+    return distinct[:half] + distinct[-half:]
 
 
 class ExperimentSpec(_Section):
@@ -180,7 +204,7 @@ class ExperimentSpec(_Section):
     """Search space and settings; required for `kind: search`."""
 
     @model_validator(mode="after")
-    def _consistent(self) -> ExperimentSpec:
+    def _consistent(self, info: ValidationInfo) -> ExperimentSpec:
         workers = self.resources.num_workers
         for stage in ("stage1", "stage2"):
             bs = getattr(self, stage).batch_size
@@ -220,8 +244,9 @@ class ExperimentSpec(_Section):
             )
         if s2.sync_batchnorm and not self.resources.use_gpu:
             raise ValueError("stage2.sync_batchnorm needs resources.use_gpu: SyncBatchNorm runs on CUDA only")
-        if self.kind == "search" and self.search is not None:
-            self._check_trials(self.search)
+        stored = isinstance(info.context, dict) and info.context.get("stored")
+        if self.kind == "search" and self.search is not None and not stored:
+            self._check_trials(self.search)  # once, when the spec comes in (not on every loop pass)
         return self
 
     def _check_trials(self, search: SearchSpec) -> None:
@@ -311,6 +336,17 @@ def _check_key(key: str) -> None:
         raise ValueError(f"{key!r} is a section, not a single value")
 
 
+def _is_int_field(key: str) -> bool:
+    """Whether a (checked) dotted key's field holds an int."""
+    model: Any = ExperimentSpec
+    parts = key.split(".")
+    for part in parts[:-1]:
+        model = _section(model.model_fields[part].annotation)
+    ann = model.model_fields[parts[-1]].annotation
+    arms = get_args(ann) if get_origin(ann) in (Union, UnionType) else (ann,)
+    return int in arms and float not in arms
+
+
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     _check_key(key)
     node = data
@@ -341,8 +377,12 @@ class _UniqueKeys(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged by the parent class
+                continue
             key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, str | int | float | bool) and key in seen:
+            if not isinstance(key, str | int | float | bool):  # the parent class reports unhashable keys
+                continue
+            if key in seen:
                 raise yaml.constructor.ConstructorError(
                     "while reading a mapping", node.start_mark, f"found the key {key!r} twice", key_node.start_mark
                 )
@@ -368,10 +408,12 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
-def validate_spec(data: Mapping[str, Any]) -> ExperimentSpec:
-    """Validate a plain mapping; raise SpecError with (field path, message) pairs."""
+def validate_spec(data: Mapping[str, Any], stored: bool = False) -> ExperimentSpec:
+    """Validate a plain mapping; raise SpecError with (field path, message) pairs. `stored`: a spec
+    accepted before (the service's loops read it again every pass): a search's trials, checked when
+    it came in, are not checked again."""
     try:
-        return ExperimentSpec.model_validate(data)
+        return ExperimentSpec.model_validate(data, context={"stored": True} if stored else None)
     except ValidationError as exc:
         raise SpecError([located(err) for err in exc.errors()]) from None
 

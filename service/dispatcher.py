@@ -59,7 +59,7 @@ class Dispatcher:
 
     def _submit(self, claim: store.Claim) -> int:
         try:
-            spec = validate_spec(claim.spec)
+            spec = validate_spec(claim.spec, stored=True)
         except SpecError as exc:  # stored under an older spec version that this one no longer accepts
             self._fail(claim, f"the stored spec is no longer valid: {exc}")
             return 0

@@ -61,6 +61,7 @@ def install(app: FastAPI, pages: tuple[str, HtmlPage] | None = None) -> None:
         errors = []
         for err in exc.errors():
             entry = {k: err[k] for k in ("loc", "msg", "type") if k in err}
+            entry["msg"] = str(entry.get("msg", "")).removeprefix("Value error, ")
             entry["field"] = field_path(err.get("loc", ()))
             if entry["field"] == "spec":  # a rule across fields: filed under the key it names
                 field, msg = located({"loc": (), "msg": err.get("msg", "")})

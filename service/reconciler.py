@@ -92,9 +92,12 @@ class Reconciler:
 
     def _spec(self, exp: Experiment) -> ExperimentSpec | None:
         try:
-            return validate_spec(exp.spec)
+            return validate_spec(exp.spec, stored=True)
         except SpecError as exc:
-            self._move(exp, Status.failed, "invalid stored spec", error=f"the stored spec is no longer valid: {exc}")
+            # Failed here, the experiment is no longer watched: its Ray job (if any) is stopped with it.
+            error = f"the stored spec is no longer valid: {exc}"
+            if self._move(exp, Status.failed, "invalid stored spec", error=error) and exp.submission_id:
+                self._stop(exp.submission_id)
             return None
 
     def _missing(self, exp: Experiment) -> None:

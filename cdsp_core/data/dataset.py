@@ -72,7 +72,8 @@ class TrainDataset(Dataset):
                 self.layout.pseudo_label_dir if with_dist_c else None,
             )
             folder = self.layout.root / data.distance_map_dir
-            self.cache = DistanceMapCache(folder, lambda_s, lambda_c, data.num_classes, *sources)
+            root = self.layout.root
+            self.cache = DistanceMapCache(folder, lambda_s, lambda_c, data.num_classes, *sources, root=root)
         self.transform = train_transforms(
             data.crop_size, data.scale_range, data.augment if augment is None else augment
         )

@@ -18,6 +18,13 @@ from cdsp_core.distance import pseudo_boundary_distance_map, scribble_distance_m
 from cdsp_core.spec import DataSpec
 
 
+def source_name(folder: Path, root: Path) -> str:
+    """How the cache names a folder it was made from: relative to the dataset root when inside it (the
+    same dataset mounted elsewhere, on a cluster's nodes, names it alike), else its absolute path."""
+    folder, root = folder.expanduser().resolve(), root.expanduser().resolve()
+    return str(folder.relative_to(root)) if folder.is_relative_to(root) else str(folder)
+
+
 class DistanceMapCache:
     """Reads a cache folder, refusing one made with other lambdas or class count, or from other labels
     than the run reads (a shrink/drop variant of the scribbles, stage 1's own pseudo-labels): its maps
@@ -31,6 +38,7 @@ class DistanceMapCache:
         num_classes: int,
         scribble_dir: Path | None = None,
         pseudo_label_dir: Path | None = None,
+        root: Path | None = None,
     ):
         meta_path = folder / "meta.json"
         if not meta_path.is_file():
@@ -44,9 +52,10 @@ class DistanceMapCache:
         self.has_pseudo = bool(meta.get("pseudo"))
         # Caches written before their sources were recorded have none: taken as they are.
         sources = (("scribble_dir", scribble_dir, "scribbles"), ("pseudo_label_dir", pseudo_label_dir, "pseudo-labels"))
+        root = folder.parent if root is None else root
         for key, used, what in sources:
             made = meta.get(key)
-            if made is not None and used is not None and Path(made) != used.resolve():
+            if made is not None and used is not None and made != source_name(used, root):
                 raise DatasetError(
                     f"{folder}: its maps were made from the {what} in {made}, this run reads {used}; make the "
                     "cache for them (cdsp data distance-maps) or unset data.distance_map_dir"
@@ -83,8 +92,8 @@ def write_distance_maps(data: DataSpec, out: Path, lambda_s: float, lambda_c: fl
         "num_classes": data.num_classes,
         "pseudo": lay.pseudo_label_dir is not None,
         # What the maps were made from: a run reading other labels refuses the cache.
-        "scribble_dir": str(lay.scribble_dir.resolve()),
-        "pseudo_label_dir": str(lay.pseudo_label_dir.resolve()) if lay.pseudo_label_dir is not None else None,
+        "scribble_dir": source_name(lay.scribble_dir, lay.root),
+        "pseudo_label_dir": source_name(lay.pseudo_label_dir, lay.root) if lay.pseudo_label_dir is not None else None,
     }
     (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return folder, len(ids), spent

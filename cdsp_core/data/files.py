@@ -11,13 +11,15 @@ from PIL import Image, UnidentifiedImageError
 from cdsp_core.data.layout import IGNORE, DatasetError
 
 
-def read_image(path: Path) -> np.ndarray:
+def read_image(path: Path, upright: bool = False) -> np.ndarray:
     """RGB uint8 (H, W, 3), in the file's own pixel grid: an EXIF orientation tag is not applied, since
     label maps (PNGs) carry none and must stay on the same pixels (a phone photo tagged "rotate 180"
-    would otherwise come out turned against its labels)."""
+    would otherwise come out turned against its labels). `upright`: applied (an image with no labels,
+    which `cdsp predict` segments as it is displayed)."""
     if not path.is_file():
         raise DatasetError(f"{path}: image is missing")
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    flags = cv2.IMREAD_COLOR if upright else cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    img = cv2.imread(str(path), flags)
     if img is None:
         raise DatasetError(f"{path}: cannot decode image")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)

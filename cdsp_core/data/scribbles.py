@@ -22,7 +22,7 @@ from scipy import sparse
 from scipy.sparse import csgraph
 
 from cdsp_core.data.files import read_label, write_label
-from cdsp_core.data.layout import IGNORE, Layout, read_ids
+from cdsp_core.data.layout import IGNORE, DatasetError, Layout, read_ids
 from cdsp_core.spec import DataSpec
 
 _OFFSETS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) > (0, 0)]
@@ -129,19 +129,28 @@ def make_variant(
     asking for the same variant never see a half-written one.
     """
     lay = Layout.from_spec(data)
-    target = out_dir or lay.root / variant_name(data.scribble_dir, shrink_ratio, drop_ratio, seed)
     ids = read_ids(lay.train_list)
-    # What the variant is made of: its recipe, the source folder and the training ids. A cached one
-    # made from another folder of the same name or for another training list is made again.
+    # What the variant is made of: its recipe, the source folder and the training ids. A complete
+    # variant is never replaced (other runs may be reading it): one of other scribbles or another
+    # training list under the same name gets a folder of its own, named with a digest of its recipe.
     made_of = (
         f"shrink={shrink_ratio} drop={drop_ratio} seed={seed}\nsource={data.scribble_dir}\n"
         f"ids={hashlib.sha256(chr(10).join(ids).encode()).hexdigest()[:16]} ({len(ids)})\n"
     )
-    complete = target / ".complete"
-    if complete.is_file():
+    name = variant_name(data.scribble_dir, shrink_ratio, drop_ratio, seed)
+    digest = hashlib.sha256(made_of.encode()).hexdigest()[:8]
+    candidates = [out_dir] if out_dir is not None else [lay.root / name, lay.root / f"{name}-{digest}"]
+    for target in candidates:
+        complete = target / ".complete"
+        if not complete.is_file():
+            break  # absent or half-written: made here
         stamp = complete.read_text()
-        if stamp == made_of or "source=" not in stamp:  # older variants recorded the recipe only
+        if stamp == made_of or ("source=" not in stamp and target == candidates[0]):  # older: recipe only
             return target
+    else:
+        raise DatasetError(
+            f"{target}: holds a scribble variant made of other scribbles ({stamp.strip()!r}); move it away"
+        )
     tmp = Path(tempfile.mkdtemp(prefix=".variant-", dir=target.parent))
     try:
         for sample_id in ids:
@@ -157,11 +166,13 @@ def make_variant(
             os.rename(tmp, target)
         except OSError:
             done = target / ".complete"
-            if not done.is_file() or done.read_text() != made_of:  # half-written, or of other scribbles
-                stale = target.with_name(f".stale-{target.name}-{os.getpid()}")
-                os.rename(target, stale)
-                shutil.rmtree(stale, ignore_errors=True)
+            if done.is_file() and done.read_text() == made_of:
+                pass  # another process made the same variant first
+            elif not done.is_file():  # someone else's half-written folder
+                shutil.rmtree(target, ignore_errors=True)
                 os.rename(tmp, target)
+            else:
+                raise DatasetError(f"{target}: another process made a variant of other scribbles there") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

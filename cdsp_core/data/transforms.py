@@ -40,9 +40,12 @@ class RandomScale(v2.Transform):
         return {"size": [max(1, round(h * s)), max(1, round(w * s))]}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        if isinstance(inpt, tv_tensors.Mask):  # pixel centres, as the image's bilinear: plain NEAREST
-            # (floor indexing) shifts a mask by up to a pixel against its image at scales like 0.5, 1.5
-            return TF.resize(inpt, params["size"], interpolation=TF.InterpolationMode.NEAREST_EXACT)
+        if isinstance(inpt, tv_tensors.Mask):  # pixel centres, as the image's bilinear: plain nearest
+            # (floor indexing) shifts a mask by up to a pixel against its image at scales like 0.5, 1.5.
+            # Through torch itself: torchvision's masks honour NEAREST_EXACT only from 0.29 on.
+            flat = inpt.reshape(-1, 1, *inpt.shape[-2:]).float()
+            out = torch.nn.functional.interpolate(flat, size=params["size"], mode="nearest-exact")
+            return tv_tensors.wrap(out.reshape(*inpt.shape[:-2], *params["size"]).to(inpt.dtype), like=inpt)
         return TF.resize(inpt, params["size"], antialias=True)
 
 

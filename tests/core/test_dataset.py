@@ -389,7 +389,7 @@ def test_a_cache_made_from_other_labels_than_the_run_reads_is_refused(tiny_synth
     data = spec(tiny_synth, distance_map_dir=str(tmp_path / "dm"), augment=False)
     write_distance_maps(spec(tiny_synth), tmp_path / "dm", LAMBDA_S, LAMBDA_C)
     meta = json.loads((tmp_path / "dm" / "meta.json").read_text())
-    assert meta["scribble_dir"] == str((tiny_synth / "pascal_2012_scribble").resolve())
+    assert meta["scribble_dir"] == "pascal_2012_scribble"  # relative to the root: the same on every mount
     kwargs = {"with_pseudo": True, "with_dist_s": True, "with_dist_c": True, "lambda_s": LAMBDA_S, "lambda_c": LAMBDA_C}
     assert TrainDataset(data, **kwargs).cache is not None  # the same labels: taken
     variant = tmp_path / "variant"

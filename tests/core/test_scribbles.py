@@ -263,24 +263,29 @@ def test_scribble_folder(synth):
     assert folder.name == "pascal_2012_scribble@shrink0.25-seed4" and (folder / ".complete").is_file()
 
 
-def test_a_cached_variant_of_other_scribbles_or_another_training_list_is_made_again(synth):
+def test_a_cached_variant_of_other_scribbles_or_another_training_list_gets_a_folder_of_its_own(synth):
     """The variant's folder is named by the source folder's last part and the recipe; its .complete
-    records the source and the training ids, so a later run on a longer list (its new ids were
-    missing) or on another folder of the same name gets a variant of its own scribbles."""
+    records the source and the training ids. A later run on a longer list (its new ids were missing)
+    or on another folder of the same name gets a variant of its own scribbles, in a folder named with
+    a digest of what it is made of: a complete variant is never replaced (others may be reading it)."""
     train = synth / "ImageSets/SegmentationAug/train.txt"
     ids = train.read_text().split()
     train.write_text("\n".join(ids[:2]) + "\n")
     data = DataSpec(root=str(synth), num_classes=3)
-    folder = make_variant(data, 0.5, 0.0, 0)
-    assert sorted(p.stem for p in folder.glob("*.png")) == sorted(ids[:2])
+    short = make_variant(data, 0.5, 0.0, 0)
+    assert short.name == "pascal_2012_scribble@shrink0.5-seed0"
+    assert sorted(p.stem for p in short.glob("*.png")) == sorted(ids[:2])
     train.write_text("\n".join(ids) + "\n")
-    assert make_variant(data, 0.5, 0.0, 0) == folder
-    assert sorted(p.stem for p in folder.glob("*.png")) == sorted(ids)  # made again for every id
+    longer = make_variant(data, 0.5, 0.0, 0)
+    assert longer.name.startswith("pascal_2012_scribble@shrink0.5-seed0-") and longer != short
+    assert sorted(p.stem for p in longer.glob("*.png")) == sorted(ids)  # every id
+    assert sorted(p.stem for p in short.glob("*.png")) == sorted(ids[:2])  # the first one untouched
+    assert make_variant(data, 0.5, 0.0, 0) == longer  # and found again
     other = synth / "other" / "pascal_2012_scribble"
     shutil.copytree(synth / "pascal_2012_scribble", other)
     for png in other.glob("*.png"):  # other scribbles: every stroke dropped
         write_label(png, np.full_like(read_label(png, 3), IGNORE))
     data_other = DataSpec(root=str(synth), num_classes=3, scribble_dir="other/pascal_2012_scribble")
-    assert make_variant(data_other, 0.5, 0.0, 0) == folder  # the same name...
-    assert all((read_label(p, 3) == IGNORE).all() for p in folder.glob("*.png"))  # ...of its own scribbles
-    assert "source=other/pascal_2012_scribble" in (folder / ".complete").read_text()
+    own = make_variant(data_other, 0.5, 0.0, 0)
+    assert own not in (short, longer) and all((read_label(p, 3) == IGNORE).all() for p in own.glob("*.png"))
+    assert "source=other/pascal_2012_scribble" in (own / ".complete").read_text()

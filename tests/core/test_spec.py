@@ -267,7 +267,7 @@ def test_bad_space_keys_are_rejected_with_search_space_in_the_path(key, domain, 
     [
         ({"stage2.lr": {"grid": [0.1, -1]}}, ["stage2.lr=-1", "stage2.lr: Input should be greater than 0"]),
         ({"stage2.amp": {"choice": ["maybe"]}}, ["stage2.amp='maybe'", "valid boolean"]),
-        ({"stage2.epochs": {"uniform": [1, 10]}}, ["stage2.epochs=5.5", "fractional part"]),  # drawn floats
+        ({"stage2.epochs": {"uniform": [1, 3]}}, ["'stage2.epochs' takes whole numbers", "randint"]),
         ({"resources.num_workers": {"grid": [1, 3]}}, ["resources.num_workers=3", "batch_size=4 is not divisible"]),
         ({"stage2.loss_weights.segs": {"grid": [0.0]}, "stage2.losses.segc": {"grid": [False]},
           "stage2.losses.ds": {"grid": [False]}, "stage2.losses.dc": {"grid": [False]},
@@ -281,6 +281,34 @@ def test_every_trial_a_space_can_make_is_checked_before_anything_runs(space, wor
     assert [p for p, _ in errors] == ["search.space"], errors
     for word in words:
         assert word in errors[0][1], errors
+
+
+def test_a_random_space_is_checked_with_every_key_at_a_value_of_its_own_domain():
+    """Each checked trial sets every searched key: the base's own value of a searched key (batch 1
+    here) never reaches a trial, so a space valid in every trial is accepted (it was refused)."""
+    base = {"kind": "search", "stage1": {"batch_size": 8}, "stage2": {"batch_size": 1},
+            "resources": {"num_workers": 1}}  # fmt: skip
+    space = {"resources.num_workers": {"choice": [2, 4]}, "stage2.batch_size": {"choice": [8, 16]}}
+    validate_spec({**base, "search": {"space": space}})
+    grid = {"resources.num_workers": {"grid": [2, 4]}, "stage2.batch_size": {"choice": [8, 16]}}
+    validate_spec({**base, "search": {"space": grid}})
+
+
+def test_a_stored_search_is_not_checked_trial_by_trial_again():
+    """The service's loops read stored specs every pass: the trials were checked when the spec came in."""
+    import time
+
+    space = {f"stage2.loss_weights.{t}": {"grid": [0.1 * i for i in range(1, 11)]} for t in LOSS_TERMS}
+    space["stage2.lr"] = {"choice": [0.001 * i for i in range(1, 1001)]}
+    data = {"kind": "search", "search": {"space": space}}
+    start = time.perf_counter()
+    validate_spec(data, stored=True)
+    stored = time.perf_counter() - start
+    start = time.perf_counter()
+    validate_spec(data)
+    assert stored < time.perf_counter() - start
+    with pytest.raises(SpecError, match="at most 1000"):
+        validate_spec({"kind": "search", "search": {"space": {"stage2.lr": {"choice": [0.1] * 1001}}}})
 
 
 @pytest.mark.parametrize("key", ["data.root", "data.pseudo_label_dir", "data.distance_map_dir", "data.num_classes"])
@@ -299,12 +327,10 @@ def test_the_points_checked_cover_the_grid_and_the_bounds():
                    "resources.num_workers": {"randint": [1, 3]}, "stage2.lr": {"loguniform": [0.001, 0.1]}}}
     )  # fmt: skip
     points = space.points()
-    assert points[:4] == [
-        {"stage2.lambda_s": 0, "stage2.lambda_c": 6}, {"stage2.lambda_s": 0, "stage2.lambda_c": 7},
-        {"stage2.lambda_s": 1, "stage2.lambda_c": 6}, {"stage2.lambda_s": 1, "stage2.lambda_c": 7},
-    ]  # fmt: skip
-    first = {"stage2.lambda_s": 0, "stage2.lambda_c": 6}
-    assert points[4:6] == [{**first, "resources.num_workers": 1}, {**first, "resources.num_workers": 2}]
+    firsts = {"stage2.lambda_s": 0, "stage2.lambda_c": 6, "resources.num_workers": 1, "stage2.lr": 0.001}
+    assert all(p.keys() == firsts.keys() for p in points)  # every searched key set in every point
+    assert [(p["stage2.lambda_s"], p["stage2.lambda_c"]) for p in points[:4]] == [(0, 6), (0, 7), (1, 6), (1, 7)]
+    assert points[4:6] == [{**firsts, "resources.num_workers": 1}, {**firsts, "resources.num_workers": 2}]
     assert [p["stage2.lr"] for p in points[6:]] == pytest.approx([0.001, 0.01, 0.1])
     # Past the limit, each grid value once beside the others' first: 2 + 2 instead of 4 combinations.
     assert len(space.points(limit=3)) == 4 + 2 + 3
@@ -356,6 +382,13 @@ def test_values_that_name_nothing_are_refused_with_their_field(override, path, w
 @pytest.mark.parametrize("value", ["none", "imagenet", "weights.pth", "./w", "/abs/r101", "s3://b/w.pt"])
 def test_pretrained_values_that_read_as_weights_are_accepted(value):
     assert load_spec({}, [f"stage2.pretrained={value}"]).stage2.pretrained == value
+
+
+def test_yaml_merge_keys_still_load():
+    """`<<: *anchor` merges are not duplicate keys (the check broke them)."""
+    from cdsp_core.spec import read_yaml
+
+    assert read_yaml("a: &x {b: 1, c: 2}\nd: {<<: *x, c: 3}\n")["d"] == {"b": 1, "c": 3}
 
 
 def test_a_key_given_twice_is_refused_with_its_line(tmp_path):
