@@ -68,7 +68,8 @@ def train_segmentor(
     if need_pseudo and pseudo_dir is None:
         raise DatasetError(f"stage 2 needs pseudo-labels for the loss terms {sorted(active)} but none were given")
     dataset = TrainDataset(
-        data.model_copy(update={"pseudo_label_dir": str(pseudo_dir) if pseudo_dir else None}),
+        # Absolute: a relative folder (a relative data.root) would be read against data.root once more.
+        data.model_copy(update={"pseudo_label_dir": str(pseudo_dir.absolute()) if pseudo_dir else None}),
         scribble_dir=scribble_dir,
         with_pseudo=need_pseudo,
         with_dist_s="ds" in active,

@@ -157,3 +157,22 @@ def test_predict_refuses_bad_inputs_by_name_before_loading(invoke, tmp_path: Pat
         assert result.exit_code == 2 and expected in result.output, (expected, result.output)
         assert "Traceback" not in result.output
     assert not out.exists()
+
+
+def test_external_pseudo_labels_under_a_relative_dataset_root(
+    invoke, tiny_synth: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The demo recipe's root is relative (data/synthetic): its pseudo-label folder was joined to the root
+    twice (data/synthetic/data/synthetic/pseudo_trivial) and stage 2 found no label."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_synth, tmp_path / "data" / "s")
+    assert invoke("data", "trivial", "--root", "data/s", "--num-classes", "3").exit_code == 0
+    sets = ["data.root=data/s", "data.num_classes=3", "data.crop_size=64", "kind=stage2", "stage2.epochs=1",
+            "stage2.batch_size=4", "data.pseudo_label_dir=pseudo_trivial", "data.loader_workers=0",
+            "stage2.backbone=resnet18"]  # fmt: skip
+    result = invoke("run", REPO / "configs" / "synthetic-demo.yaml", *[f"--set={s}" for s in sets],
+                    "--out", "runs/t", "--no-progress")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "runs/t/result.json").is_file()
