@@ -41,7 +41,10 @@ def start_run(tmp_path: Path, tiny_synth: Path) -> tuple[subprocess.Popen[str], 
     config.write_text(spec.to_yaml())
     env = {**os.environ, "COLUMNS": "200"}
     args = [str(CDSP), "run", str(config), "--out", str(tmp_path / "run"), "--ray", "--no-progress"]
-    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # SIGINT as a terminal sends it: a suite started in the background of a non-interactive shell has it
+    # ignored, which its children inherit (Python then installs no KeyboardInterrupt handler).
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.monotonic() + 180
     assert proc.stdout is not None
     for line in proc.stdout:  # the driver prints the dashboard once the cluster is up
